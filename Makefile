@@ -1,0 +1,38 @@
+# scratchllm developer entry points. Every target creates or refreshes .venv by itself:
+# torch==2.13.0 is installed first (a local CPU wheel here), then the project, so pip never
+# resolves another torch build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.scratchllm-installed
+# CI=true runs the slow end-to-end tests too.
+PYTEST_MARK := $(if $(filter true 1 yes,$(CI)),,-m "not slow")
+
+.PHONY: venv demo test test-all bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/scratchllm demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_MARK) -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/tokenizer.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,128 @@
+"""The `scratchllm` command line: argparse subcommands, each mapped to one plain function of a stage.
+
+No logic lives here: every handler imports its stage lazily (so `--help` is instant and does not load
+torch) and calls it with the parsed arguments. User errors (`ScratchError`) print as `error: ...` and
+exit with status 2; Ctrl-C exits with 130.
+
+    scratchllm --help
+    scratchllm tokenizer train --input book.txt --vocab-size 4096 --out tok/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scratchllm import __version__
+from scratchllm.common import ScratchError
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+def _tok_train(args):
+    from scratchllm.tokenizer.commands import train
+
+    return train(args)
+
+
+def _tok_encode(args):
+    from scratchllm.tokenizer.commands import encode
+
+    return encode(args)
+
+
+def _tok_decode(args):
+    from scratchllm.tokenizer.commands import decode
+
+    return decode(args)
+
+
+def _tok_stats(args):
+    from scratchllm.tokenizer.commands import stats
+
+    return stats(args)
+
+
+def add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train, inspect and use byte-level BPE tokenizers")
+    tsub = p.add_subparsers(dest="tokenizer_cmd", required=True, metavar="ACTION")
+    tok_help = "a tokenizer folder (saved by `tokenizer train`) or `gpt2`"
+
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text files or folders")
+    t.add_argument("--vocab-size", type=int, required=True, help="final vocabulary size, specials included")
+    t.add_argument("--out", required=True, help="output tokenizer folder (must not exist unless --overwrite)")
+    t.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOK",
+                   help="special tokens (default: <|endoftext|>)")
+    t.add_argument("--pattern", default="gpt2", choices=["gpt2", "gpt4"], help="pre-tokenization regex")
+    t.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="what to do with bytes that are not UTF-8 (default: stop and name the file/offset)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.set_defaults(func=_tok_train)
+
+    e = tsub.add_parser("encode", help="print the token ids of a text")
+    e.add_argument("--tokenizer", required=True, help=tok_help)
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("text", nargs="?", help="text to encode")
+    src.add_argument("--file", help="encode this file instead")
+    e.add_argument("--pieces", action="store_true", help="show each token's text instead of bare ids")
+    e.add_argument("--allow-special", action="store_true", help="encode special tokens found in the text")
+    e.set_defaults(func=_tok_encode)
+
+    d = tsub.add_parser("decode", help="print the text of token ids")
+    d.add_argument("--tokenizer", required=True, help=tok_help)
+    d.add_argument("ids", nargs="+", type=int, help="token ids")
+    d.set_defaults(func=_tok_decode)
+
+    s = tsub.add_parser("stats", help="bytes per token and tokens per word on a file (vs GPT-2)")
+    s.add_argument("--tokenizer", required=True, help=tok_help)
+    s.add_argument("--file", required=True, nargs="+", help="text file(s) to measure")
+    s.set_defaults(func=_tok_stats)
+
+
+# --------------------------------------------------------------------------------------------- demo
+def _demo(args):
+    from scratchllm.demo import run
+
+    return run(args)
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job of `make demo` (offline, a few minutes on 2 cores)")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (default: runs/demo)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size")
+    p.set_defaults(func=_demo)
+
+
+# Each entry registers one subcommand (group). Keep them in pipeline order.
+COMMANDS = [add_tokenizer, add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scratchllm",
+        description="Build a GPT-style language model from scratch and take it through every stage.",
+    )
+    parser.add_argument("--version", action="version", version=f"scratchllm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ScratchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `scratchllm ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

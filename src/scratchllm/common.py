@@ -1,0 +1,238 @@
+"""Small shared pieces every stage uses: the ignore index, user-facing errors, device/dtype choice,
+seeding, rank-0 printing, atomic folder writes and progress reporting.
+
+Nothing here imports torch at module load, so the tokenizer and the CLI's `--help` stay light.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+IGNORE_INDEX = -100  # targets with this value contribute nothing to the loss
+
+
+class ScratchError(Exception):
+    """An error caused by the user's input (a bad file, flag or config).
+
+    The CLI prints its message as `error: ...` and exits with status 2, without a traceback, so the
+    message must say what is wrong and where (file, line, field) and, where possible, how to fix it.
+    """
+
+
+def env_flag(name: str) -> bool:
+    """True when the environment variable is set to a truthy value ("1", "true", "yes")."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only (every rank prints when not launched by torchrun)."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# devices, dtypes, seeds
+
+
+def select_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' > 'mps' > 'cpu'; anything else is returned after a check that it exists."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ScratchError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ScratchError("--device mps: MPS is not available on this machine (use --device cpu)")
+    if name != "cpu" and not name.startswith(("cuda", "mps")):
+        raise ScratchError(f"unknown device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AMX or AVX512-BF16), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+
+
+def select_precision(precision: str, device: str) -> str:
+    """Resolve 'auto' to 'bf16' where the hardware has fast bf16 (CUDA Ampere+, AMX/AVX512-BF16 CPUs),
+    else 'fp32'. 'fp16' is only allowed on CUDA (it needs a grad scaler)."""
+    import torch
+
+    if precision not in {"auto", "fp32", "bf16", "fp16"}:
+        raise ScratchError(f"unknown precision {precision!r}: expected auto, fp32, bf16 or fp16")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ScratchError("precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside `final`; on success rename it to `final`.
+
+    If the body raises (or is interrupted), the temporary folder is removed and `final` is untouched,
+    so a reader never sees a half-written folder. With overwrite=True an existing `final` is replaced
+    only after the new one is complete.
+
+        with atomic_dir("out/tok") as tmp:
+            (tmp / "a.txt").write_text("hi")
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not overwrite:
+        raise ScratchError(f"{final} already exists (pass --overwrite to replace it)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temp file + fsync + rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+class Progress:
+    """A minimal progress line for long loops: done/total, rate, ETA and any extra fields.
+
+    Prints to stderr at most every `every` seconds (and once at close), on rank 0 only, and stays
+    silent when `enabled` is False. `tqdm` is used where a real bar helps; this one is for loops
+    whose unit is not an iteration (merges, tokens).
+
+        p = Progress(total=1000, unit="merges")
+        for i in range(1000):
+            p.update(1, loss=0.5)
+        p.close()
+    """
+
+    def __init__(self, total: int | None, unit: str = "it", desc: str = "", every: float = 1.0,
+                 enabled: bool = True, stream=None):
+        self.total, self.unit, self.desc, self.every = total, unit, desc, every
+        self.enabled = enabled and is_rank0()
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+        self.fields: dict = {}
+
+    def update(self, n: int = 1, **fields) -> None:
+        self.done += n
+        self.fields.update(fields)
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every:
+            self.last = now
+            self._print()
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / elapsed
+        parts = [self.desc] if self.desc else []
+        parts.append(f"{self.done}/{self.total}" if self.total else f"{self.done}")
+        parts.append(f"{rate:,.1f} {self.unit}/s")
+        if self.total and rate > 0:
+            parts.append(f"ETA {format_seconds((self.total - self.done) / rate)}")
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.fields.items()]
+        return " | ".join(parts)
+
+    def _print(self) -> None:
+        print(self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._print()
+
+
+def format_seconds(s: float) -> str:
+    """3725 -> '1h02m05s', 65 -> '1m05s', 4.2 -> '4s'."""
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m{sec:02d}s"
+    if m:
+        return f"{m}m{sec:02d}s"
+    return f"{sec}s"
