@@ -196,6 +196,7 @@ class Progress:
         self.enabled = enabled and is_rank0()
         self.stream = stream or sys.stderr
         self.done = 0
+        self.printed = False
         self.start = self.last = time.perf_counter()
         self.fields: dict = {}
 
@@ -219,10 +220,12 @@ class Progress:
         return " | ".join(parts)
 
     def _print(self) -> None:
+        self.printed = True
         print(self.line(), file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        """Print the final line, if the loop ran long enough to have printed progress at all."""
+        if self.enabled and self.printed:
             self._print()
 
 

@@ -1,0 +1,217 @@
+"""Byte-level BPE from scratch: the split patterns, the trainer, and a pure-Python reference encoder.
+
+Training (`learn_merges`, used by `train_bpe`) is the classic algorithm: split the text into chunks
+with a regex, count each distinct chunk once, start every chunk as its UTF-8 bytes (ids 0..255), then
+repeatedly merge the most frequent adjacent pair of ids into a new id. The counts are kept up to date
+*incrementally*: a merge only revisits the chunks that contain the merged pair (found through an
+index pair -> chunks), and a heap with lazy deletion yields the next best pair, so a merge costs time
+proportional to the chunks it touches, not to the corpus.
+
+Tie-break (documented, deterministic): among pairs with the same count, the pair with the smallest
+`(left id, right id)` wins, i.e. the pair built from the oldest tokens.
+
+    >>> merges = learn_merges({b"aaabdaaabac": 1}, num_merges=3)
+    >>> [(a, b) for (a, b), _ in merges]      # aa -> 256, ab -> 257, (aa)(ab) -> 258
+    [(97, 97), (97, 98), (256, 257)]
+
+The reference encoder (`bpe_encode_reference`) applies ranks the way tiktoken does: repeatedly merge
+the adjacent pair whose concatenated bytes has the lowest rank. It exists to check the fast path
+(tiktoken's Rust core, see tokenizer.py) and to teach; it is far too slow for real work.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable
+
+import regex
+
+from scratchllm.common import Progress, ScratchError
+
+# GPT-2's split pattern (tiktoken's equivalent, faster form) and the GPT-4 (cl100k) pattern.
+PATTERNS = {
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+}
+
+
+def resolve_pattern(pattern: str) -> tuple[str, str]:
+    """Pattern name -> (name, regex string). Unknown names raise ScratchError.
+
+    >>> resolve_pattern("gpt2")[0]
+    'gpt2'
+    """
+    if pattern not in PATTERNS:
+        raise ScratchError(f"unknown pattern {pattern!r}: expected one of {', '.join(PATTERNS)}")
+    return pattern, PATTERNS[pattern]
+
+
+def split_on_specials(text: str, special_tokens: Iterable[str]) -> list[str]:
+    """Cut `text` at every special token, dropping the specials (they never take part in merges).
+
+    >>> split_on_specials("a<|endoftext|>b", ["<|endoftext|>"])
+    ['a', 'b']
+    """
+    specials = sorted(special_tokens, key=len, reverse=True)
+    if not specials:
+        return [text]
+    return [p for p in regex.split("|".join(regex.escape(s) for s in specials), text) if p]
+
+
+def count_chunks(texts: Iterable[str], pattern: str, special_tokens: Iterable[str] = ()) -> Counter:
+    """Count the distinct pre-tokenized chunks of a corpus.
+
+    >>> count_chunks(["hi hi"], PATTERNS["gpt2"])
+    Counter({'hi': 1, ' hi': 1})
+    """
+    compiled = regex.compile(pattern)
+    specials = tuple(special_tokens)
+    counts: Counter = Counter()
+    for text in texts:
+        for piece in split_on_specials(text, specials):
+            counts.update(compiled.findall(piece))
+    return counts
+
+
+def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
+    """Replace every non-overlapping (a, b), left to right, by new_id.
+
+    >>> _merge_word([97, 97, 97], 97, 97, 256)
+    [256, 97]
+    """
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == a and word[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def learn_merges(chunk_counts: dict[bytes, int], num_merges: int, progress: bool = False
+                 ) -> list[tuple[tuple[int, int], int]]:
+    """Learn up to `num_merges` merges from {chunk bytes: count}; returns [((a, b), new_id), ...].
+
+    New ids are 256, 257, ... in merge order. If a merge builds bytes that an earlier token already has,
+    that token's id is reused (no new id). Stops early when no adjacent pair is left.
+    """
+    words = [list(chunk) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    pair_counts: dict[tuple[int, int], int] = {}
+    where: dict[tuple[int, int], set[int]] = {}
+    for wi, (word, n) in enumerate(zip(words, freqs)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + n
+            where.setdefault(pair, set()).add(wi)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    token_bytes = [bytes([i]) for i in range(256)]
+    bytes_to_id = {b: i for i, b in enumerate(token_bytes)}
+    merges: list[tuple[tuple[int, int], int]] = []
+    bar = Progress(total=num_merges, unit="merges", desc="bpe", enabled=progress)
+    new_tokens = 0
+    while new_tokens < num_merges and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg or neg == 0:
+            continue  # stale heap entry: the count changed after it was pushed
+        a, b = pair
+        merged = token_bytes[a] + token_bytes[b]
+        new_id = bytes_to_id.get(merged)
+        if new_id is None:
+            new_id = len(token_bytes)
+            token_bytes.append(merged)
+            bytes_to_id[merged] = new_id
+            new_tokens += 1
+            bar.update(1)
+        merges.append((pair, new_id))
+
+        delta: dict[tuple[int, int], int] = {}
+        for wi in where.pop(pair):
+            word, n = words[wi], freqs[wi]
+            new_word = _merge_word(word, a, b, new_id)
+            if len(new_word) == len(word):
+                continue  # stale index entry: this chunk no longer holds the pair
+            for p in zip(word, word[1:]):
+                delta[p] = delta.get(p, 0) - n
+            for p in zip(new_word, new_word[1:]):
+                delta[p] = delta.get(p, 0) + n
+                where.setdefault(p, set()).add(wi)
+            words[wi] = new_word
+        for p, d in delta.items():
+            if d:
+                c = pair_counts.get(p, 0) + d
+                if c:
+                    pair_counts[p] = c
+                    heapq.heappush(heap, (-c, p))
+                else:
+                    pair_counts.pop(p, None)
+    bar.close()
+    return merges
+
+
+def bpe_encode_reference(data: bytes, ranks: dict[bytes, int], max_rank: int | None = None) -> list[bytes]:
+    """Split `data` into tokens with the BPE merge loop, using only the ranks (as tiktoken does).
+
+    Repeatedly merge the adjacent pair whose concatenation has the lowest rank (below `max_rank` if
+    given) until no adjacent pair is in the vocabulary. Returns the token byte strings.
+
+    >>> ranks = {bytes([i]): i for i in range(256)} | {b"aa": 256, b"ab": 257, b"aaab": 258}
+    >>> bpe_encode_reference(b"aaabdaaabac", ranks)
+    [b'aaab', b'd', b'aaab', b'a', b'c']
+    """
+    parts = [bytes([x]) for x in data]
+    while len(parts) > 1:
+        best_i, best_rank = -1, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and (max_rank is None or r < max_rank) and (best_rank is None or r < best_rank):
+                best_i, best_rank = i, r
+        if best_rank is None:
+            break
+        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = (), pattern: str = "gpt2",
+              progress: bool = False, name: str = "scratchllm"):
+    """Train a byte-level BPE tokenizer; returns a `Tokenizer`.
+
+    The vocabulary is the 256 bytes (ids 0..255), then one id per merge, then the special tokens, so
+    `vocab_size` counts all three. If the corpus runs out of pairs first, training stops early with a
+    warning and the vocabulary is smaller than asked.
+
+    >>> tok = train_bpe(["aaabdaaabac"], vocab_size=259)
+    >>> tok.encode("aaabdaaabac")
+    [258, 100, 258, 97, 99]
+    """
+    import warnings
+
+    from scratchllm.tokenizer.tokenizer import Tokenizer, check_special_tokens
+
+    specials = check_special_tokens(special_tokens)
+    pattern_name, pattern_re = resolve_pattern(pattern)
+    num_merges = vocab_size - 256 - len(specials)
+    if num_merges <= 0:
+        raise ScratchError(f"vocab_size {vocab_size} is too small: it must exceed 256 bytes + {len(specials)} "
+                           f"special token(s) = {256 + len(specials)}")
+    counts = count_chunks(texts, pattern_re, specials)
+    if not counts:
+        raise ScratchError("the corpus is empty: no text to train on")
+    merges = learn_merges({chunk.encode("utf-8"): n for chunk, n in counts.items()}, num_merges, progress)
+
+    ranks = {bytes([i]): i for i in range(256)}
+    id_bytes = {i: bytes([i]) for i in range(256)}
+    for (a, b), new_id in merges:
+        id_bytes[new_id] = id_bytes[a] + id_bytes[b]
+        ranks[id_bytes[new_id]] = new_id
+    n_new = len(ranks) - 256
+    if n_new < num_merges:
+        warnings.warn(f"the corpus only supports {n_new} merges, fewer than the {num_merges} needed for "
+                      f"vocab_size {vocab_size}; stopped early with vocab_size {len(ranks) + len(specials)}",
+                      stacklevel=2)
+    special_ids = {s: len(ranks) + i for i, s in enumerate(specials)}
+    return Tokenizer(ranks, pattern_re, special_ids, name=name)

@@ -1,0 +1,172 @@
+"""The Tokenizer: fast (tiktoken core) == pure-Python reference, round-trips on arbitrary Unicode,
+GPT-2 ids equal tiktoken's on every text file of the shared data, special-token rules, save/load."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scratchllm import Tokenizer, train_bpe
+from scratchllm.common import ScratchError
+from scratchllm.tokenizer import from_gpt2_files, from_tiktoken_file, load_tokenizer
+
+# texts full of the hard cases: emoji (incl. ZWJ sequences), combining marks, CJK, controls, runs
+HARD = ["👩‍👩‍👧‍👦 family", "e\u0301 cafe\u0301 n\u0303", "日本語のテキスト、中文。한국어", "\x00\x01\x1b[31m\x7f",
+        "a" * 5000, " " * 300 + "x", "\n\n\n\r\n\t\t", "don't I'll we've THEY'RE", "12345678901 3.14", "🙂" * 100]
+UNICODE = st.text(st.characters(codec="utf-8"), max_size=200)
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data):
+    texts = [(shared_data / "the-verdict.txt").read_text(), *HARD]
+    return train_bpe(texts, vocab_size=600, special_tokens=["<|endoftext|>", "<|pad|>"])
+
+
+@pytest.fixture(scope="module")
+def trained_gpt4(shared_data):
+    return train_bpe([(shared_data / "the-verdict.txt").read_text(), *HARD], vocab_size=500, pattern="gpt4")
+
+
+@pytest.fixture(scope="module")
+def gpt2(shared_data):
+    return from_gpt2_files(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
+
+
+@settings(max_examples=150, deadline=None)
+@given(UNICODE)
+def test_roundtrip_and_fast_equals_reference(trained, gpt2, trained_gpt4, text):
+    for tok in (trained, gpt2, trained_gpt4):
+        ids = tok.encode(text, disallowed_special=())
+        assert tok.decode(ids, errors="strict") == text
+        assert tok.encode_reference(text, disallowed_special=()) == ids
+
+
+@pytest.mark.parametrize("text", HARD)
+def test_hard_cases(trained, gpt2, gpt2_tiktoken, text):
+    for tok in (trained, gpt2):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.encode_reference(text) == ids
+    assert gpt2.encode(text) == gpt2_tiktoken.encode(text)
+
+
+def shared_text_files(root):
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in {".txt", ".json", ".tsv", ".md", ".bpe"})
+
+
+def test_gpt2_ids_equal_tiktoken_on_all_shared_data(shared_data, gpt2, gpt2_tiktoken):
+    files = shared_text_files(shared_data)
+    assert len(files) >= 15
+    for path in files:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        assert gpt2.encode(text, disallowed_special=()) == gpt2_tiktoken.encode(text, disallowed_special=()), path
+    # the same tokenizer three ways: original files, the .tiktoken ranks file, tiktoken's cache
+    assert from_tiktoken_file(shared_data / "gpt2" / "r50k_base.tiktoken") == gpt2
+    assert load_tokenizer("gpt2") == gpt2
+    assert gpt2.vocab_size == 50257 and gpt2.eot_token == 50256
+    assert gpt2.encode("Hello, world! <|endoftext|> Some text", allowed_special="all") == \
+        [15496, 11, 995, 0, 220, 50256, 2773, 2420]
+
+
+def test_reference_equals_fast_on_a_book_slice(shared_data, gpt2):
+    text = (shared_data / "gutenberg" / "pg11.txt").read_text()[:20000]
+    assert gpt2.encode_reference(text) == gpt2.encode(text)
+
+
+def test_special_token_rules(trained):
+    text = "a<|endoftext|>b"
+    with pytest.raises(ValueError, match="disallowed special token"):
+        trained.encode(text)
+    with pytest.raises(ValueError, match="disallowed special token"):
+        trained.encode_reference(text)
+    eot = trained.eot_token
+    for enc in (trained.encode, trained.encode_reference):
+        assert eot in enc(text, allowed_special={"<|endoftext|>"})
+        assert eot in enc(text, allowed_special="all")
+        plain = enc(text, disallowed_special=())
+        assert eot not in plain and trained.decode(plain) == text
+        with pytest.raises(ValueError):  # allowing one special does not allow the other
+            enc("<|pad|>", allowed_special={"<|endoftext|>"})
+    assert trained.encode_ordinary(text) == trained.encode(text, disallowed_special=())
+
+
+def test_add_special_tokens_keeps_ids(trained):
+    tok = Tokenizer(trained.mergeable_ranks, trained.pattern, trained.special_tokens)
+    before = dict(tok.special_tokens)
+    ids = tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|pad|>"])
+    assert ids == [600, 601, before["<|pad|>"]]
+    assert {k: tok.special_tokens[k] for k in before} == before and tok.vocab_size == 602
+    assert tok.encode("<|im_start|>hi", allowed_special="all")[0] == 600
+    with pytest.raises(ScratchError, match="overlaps"):
+        tok.add_special_tokens(["<|im_start|>x"])
+
+
+def test_decode_modes(gpt2):
+    ids = gpt2.encode("🙂")
+    assert len(ids) > 1
+    assert gpt2.decode(ids[:1]) == "\ufffd"
+    with pytest.raises(UnicodeDecodeError):
+        gpt2.decode(ids[:1], errors="strict")
+    assert gpt2.decode_bytes(ids) == "🙂".encode()
+    with pytest.raises(ScratchError, match="cannot decode ids \\[99999\\]"):
+        gpt2.decode([1, 99999])
+
+
+def test_encode_batch(gpt2):
+    texts = [f"document {i} " * (i + 1) for i in range(50)]
+    assert gpt2.encode_batch(texts, num_threads=2) == [gpt2.encode(t) for t in texts]
+
+
+def test_save_load_identity(trained, tmp_path):
+    trained.save(tmp_path / "tok")
+    loaded = Tokenizer.load(tmp_path / "tok")
+    assert loaded == trained and loaded.fingerprint() == trained.fingerprint()
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["ranks.tiktoken", "tokenizer.json", "vocab.txt"]
+    vocab = (tmp_path / "tok" / "vocab.txt").read_text()
+    assert "(special)" in vocab and " + " in vocab
+    with pytest.raises(ScratchError, match="already exists"):
+        trained.save(tmp_path / "tok")
+    trained.save(tmp_path / "tok", overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+
+
+def test_gpt2_save_load(gpt2, tmp_path):
+    gpt2.save(tmp_path / "g")
+    assert Tokenizer.load(tmp_path / "g") == gpt2
+
+
+def test_load_errors(trained, tmp_path):
+    d = tmp_path / "tok"
+    trained.save(d)
+    ranks = (d / "ranks.tiktoken").read_bytes()
+    (d / "ranks.tiktoken").write_bytes(ranks[: len(ranks) // 2])  # truncated
+    with pytest.raises(ScratchError, match="corrupted or truncated"):
+        Tokenizer.load(d)
+    (d / "ranks.tiktoken").write_bytes(ranks.replace(b" 300\n", b" 3x0\n"))
+    with pytest.raises(ScratchError, match="corrupted"):
+        Tokenizer.load(d)
+    (d / "ranks.tiktoken").write_bytes(ranks)
+    meta = json.loads((d / "tokenizer.json").read_text())
+    (d / "tokenizer.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ScratchError, match="newer scratchllm"):
+        Tokenizer.load(d)
+    (d / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ScratchError, match="not valid JSON"):
+        Tokenizer.load(d)
+    with pytest.raises(ScratchError, match="not a tokenizer folder"):
+        Tokenizer.load(tmp_path)
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("YQ== 0\nnot-base64!! 1\n")
+    with pytest.raises(ScratchError, match="bad.tiktoken:2"):
+        from_tiktoken_file(bad)
+    with pytest.raises(ScratchError, match="not found"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_gpt2_files_mismatch(shared_data, tmp_path):
+    merges = (shared_data / "gpt2" / "vocab.bpe").read_text().splitlines()
+    merges[1], merges[2] = merges[2], merges[1]
+    (tmp_path / "vocab.bpe").write_text("\n".join(merges))
+    with pytest.raises(ScratchError, match="do not belong together"):
+        from_gpt2_files(shared_data / "gpt2" / "encoder.json", tmp_path / "vocab.bpe")
