@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scratchllm-installed
+# GPT-2's tokenizer offline: use the shared tiktoken cache when ../shared is beside the checkout.
+SHARED_TIKTOKEN := $(abspath ../shared/data/tiktoken_cache)
+ifneq ($(wildcard $(SHARED_TIKTOKEN)),)
+export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
+endif
 # CI=true runs the slow end-to-end tests too.
 PYTEST_MARK := $(if $(filter true 1 yes,$(CI)),,-m "not slow")
 
