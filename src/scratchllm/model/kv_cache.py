@@ -1,0 +1,100 @@
+"""KVCache: preallocated keys and values of every layer, so decoding one token costs one token.
+
+What it does: owns two tensors `(n_layer, B, n_kv_head, max_len, head_dim)` filled left to right,
+the number of positions filled (`pos`), and optional per-row left padding for batched prompts of
+different lengths. It builds the positions and the attention mask the model needs for the next chunk.
+What it does not do: run the model or sample (see gpt.py and infer/engine.py).
+
+    cache = KVCache(model.config, batch_size=2, max_len=64)
+    cache.set_left_padding(torch.tensor([0, 3]))   # row 1's prompt is 3 tokens shorter
+    logits = model(prompt_ids, kv_cache=cache)     # prefill: (2, T, V), cache.pos == T
+    logits = model(next_ids, kv_cache=cache)       # one step: (2, 1, V), cache.pos == T + 1
+
+Left padding: row b's first pad_lens[b] columns hold pad tokens. Keys in those columns are masked
+out for every query, and row b's positions count from 0 at its first real token, so a padded row
+computes exactly what it would alone. (A pad query attends only to itself, which keeps its softmax
+finite; its output is meaningless and is never used.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scratchllm.common import ScratchError
+from scratchllm.model.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        if batch_size <= 0 or max_len <= 0:
+            raise ScratchError(f"KVCache: batch_size and max_len must be positive, got {batch_size}, {max_len}")
+        self.config = config
+        self.batch_size, self.max_len = batch_size, max_len
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions (columns) filled so far
+        self.pad_lens: torch.Tensor | None = None  # (B,) left-padding per row, or None
+        self.min_pad = 0  # smallest pad length: the longest row's position is pos - min_pad
+
+    def reset(self) -> None:
+        """Forget everything: the next forward starts at position 0 with no padding."""
+        self.pos = 0
+        self.pad_lens = None
+        self.min_pad = 0
+
+    def set_left_padding(self, pad_lens: torch.Tensor) -> None:
+        """Declare that row b's first pad_lens[b] columns are padding (call before the prefill)."""
+        pad_lens = torch.as_tensor(pad_lens, dtype=torch.long)
+        if pad_lens.shape != (self.batch_size,):
+            raise ScratchError(f"KVCache.set_left_padding: expected shape ({self.batch_size},), "
+                               f"got {tuple(pad_lens.shape)}")
+        if (pad_lens < 0).any() or (pad_lens >= self.max_len).any():
+            raise ScratchError(f"KVCache.set_left_padding: pad lengths must be in [0, {self.max_len}), "
+                               f"got {pad_lens.tolist()}")
+        self.pad_lens = pad_lens.to(self.k.device) if bool(pad_lens.any()) else None
+        self.min_pad = int(pad_lens.min())
+
+    # ------------------------------------------------------------------ used by the model
+    def positions(self, T: int) -> torch.Tensor:
+        """Position ids of the next T tokens: (T,) without padding, else (B, T) counted per row."""
+        if self.pos + T > self.max_len:
+            raise ScratchError(f"KV cache is full: {self.pos} positions filled + {T} new > max_len "
+                               f"{self.max_len} (make the cache larger or generate fewer tokens)")
+        pos = torch.arange(self.pos, self.pos + T, device=self.k.device)  # (T,)
+        if self.pad_lens is None:
+            return pos
+        return (pos[None, :] - self.pad_lens[:, None]).clamp(min=0)  # (B, T)
+
+    def attn_mask(self, T: int) -> torch.Tensor | None:
+        """Boolean mask (B, 1, T, pos+T), True = may attend, for the next T queries; None when plain
+        causal attention is exact (no padding and either a fresh cache or a single new token)."""
+        if self.pad_lens is None and (self.pos == 0 or T == 1):
+            return None
+        L = self.pos + T
+        q_pos = torch.arange(self.pos, L, device=self.k.device)[:, None]  # (T, 1) absolute column
+        k_pos = torch.arange(L, device=self.k.device)[None, :]  # (1, L)
+        mask = k_pos <= q_pos  # (T, L) causal
+        if self.pad_lens is not None:
+            real_key = k_pos[None] >= self.pad_lens[:, None, None]  # (B, 1, L)
+            mask = mask[None] & (real_key | (k_pos == q_pos)[None])  # (B, T, L)
+            return mask[:, None]  # (B, 1, T, L)
+        return mask[None, None].expand(self.batch_size, 1, T, L)  # (B, 1, T, L)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv_head, T, head_dim) at columns [pos, pos+T) of `layer`; return the
+        filled part (B, n_kv_head, pos+T, head_dim) of that layer's keys and values (views, no copy)."""
+        if k.dtype != self.k.dtype:
+            raise ScratchError(f"KVCache dtype {self.k.dtype} does not match the model's activations "
+                               f"{k.dtype}: create the cache with dtype={k.dtype}")
+        if k.shape[0] != self.batch_size:
+            raise ScratchError(f"KVCache was made for batch size {self.batch_size}, got a batch of {k.shape[0]}")
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def advance(self, T: int) -> None:
+        """Mark T more positions as filled (the model calls this once after all layers)."""
+        self.pos += T
