@@ -1,0 +1,230 @@
+"""Typed run configs: dataclasses with defaults, overridden by a TOML file, overridden by CLI flags.
+
+What it does: `resolve(PretrainConfig, toml_path, overrides)` builds a config with the precedence
+defaults < TOML file (`--config run.toml`, read with tomllib) < flags (`overrides`, dotted field names
+such as "train.lr" mapped from argparse, None meaning "flag not given"). Unknown keys and values of the
+wrong type raise ScratchError naming the file and field; each dataclass validates itself in
+__post_init__. `to_toml(cfg)` writes the fully resolved config (each run folder's `config.toml`) and
+`diff(a, b)` lists differing fields (for resume checks).
+What it does not do: know any stage's logic; stages read fields and act.
+
+    cfg = resolve(PretrainConfig, "run.toml", {"train.lr": 3e-4, "out": "runs/x"})
+    Path("runs/x/config.toml").write_text(to_toml(cfg))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scratchllm.common import ScratchError
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """What the Trainer needs, for every stage."""
+
+    max_steps: int = 1000  # optimizer steps in the whole run
+    batch_size: int = 8  # sequences per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step per rank (derived when batch_tokens > 0)
+    batch_tokens: int = 0  # global batch in tokens per step; 0 = batch_size * block_size * grad_accum * ranks
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float = 6e-5  # floor of the cosine/linear decay
+    warmup_steps: int = 100  # linear warmup steps
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1  # AdamW decay on >= 2-dim tensors only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
+    eval_every: int = 100  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 20  # validation micro-batches per pass
+    sample_every: int = 0  # steps between text samples; 0 = never
+    sample_prompt: str = "The"  # the fixed prompt of those samples
+    sample_tokens: int = 32  # new tokens per sample
+    checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end (and on SIGINT/SIGTERM)
+    keep_last: int = 3  # checkpoints kept; older ones are deleted
+    log_every: int = 1  # steps between metrics.jsonl lines
+    max_bad_steps: int = 5  # abort after this many non-finite steps in a row
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: str = "auto"  # auto | on | off (torch.compile; auto = on for CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 1337
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on GPU)
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_last", "log_every",
+                     "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ScratchError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("batch_tokens", "warmup_steps", "eval_every", "sample_every", "sample_tokens",
+                     "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ScratchError(f"train.{name} must be >= 0 (got {getattr(self, name)})")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ScratchError(f"train.lr must be > 0 and 0 <= train.min_lr <= lr (got lr={self.lr}, "
+                               f"min_lr={self.min_lr})")
+        if self.schedule not in SCHEDULES:
+            raise ScratchError(f"train.schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ScratchError(f"train.precision {self.precision!r}: expected auto, fp32, bf16 or fp16")
+        if self.compile not in ("auto", "on", "off"):
+            raise ScratchError(f"train.compile {self.compile!r}: expected auto, on or off")
+        if self.grad_clip < 0:
+            raise ScratchError(f"train.grad_clip must be >= 0 (got {self.grad_clip})")
+
+
+@dataclass
+class PretrainConfig:
+    """`scratchllm pretrain`: data + tokenizer + model + output, and the Trainer's settings."""
+
+    data: str = ""  # a shard folder (from `scratchllm data prepare`)
+    input: list[str] = field(default_factory=list)  # or raw sources to prepare into OUT/shards first
+    tokenizer: str = ""  # tokenizer folder or "gpt2" (needed with `input`; checked against shards)
+    model_preset: str = ""  # start from scratch with this preset (tiny, small, gpt2, ...)
+    model: str = ""  # or continue from this checkpoint / run / Hugging Face GPT-2 folder
+    out: str = ""  # run folder
+    block_size: int = 0  # training context length; 0 = the model's
+    fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields for a preset
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = from_dict(TrainConfig, self.train, "train")
+        if bool(self.data) == bool(self.input):
+            raise ScratchError("give exactly one of --data SHARDS_DIR or --input SRC... (with --tokenizer)")
+        if self.input and not self.tokenizer:
+            raise ScratchError("--input needs --tokenizer (a tokenizer folder or `gpt2`)")
+        if bool(self.model_preset) == bool(self.model):
+            raise ScratchError("give exactly one of --model-preset NAME or --model DIR")
+        if not self.out:
+            raise ScratchError("--out RUN_DIR is required")
+        if self.block_size < 0:
+            raise ScratchError(f"block_size must be >= 0 (got {self.block_size})")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict/TOML <-> dataclass
+
+
+def _check_type(value, tp, where: str):
+    """Accept `value` for annotation `tp` (int for float is fine, bool for int is not)."""
+    origin = typing.get_origin(tp)
+    if origin in (list, typing.List):  # noqa: UP006
+        if not isinstance(value, list):
+            raise ScratchError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, typing.Dict):  # noqa: UP006
+        if not isinstance(value, dict):
+            raise ScratchError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise ScratchError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(cls, d: dict, where: str = ""):
+    """Build dataclass `cls` from a (possibly nested) dict, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    prefix = f"{where}." if where else ""
+    if unknown:
+        raise ScratchError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                           f"known keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in d.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ScratchError(f"{prefix}{k}: expected a table [{prefix}{k}], got {v!r}")
+            kwargs[k] = from_dict(tp, v, prefix + k)
+        else:
+            kwargs[k] = _check_type(v, tp, prefix + k)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve(cls, toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """defaults < TOML file < overrides (dotted keys; None values are skipped)."""
+    d: dict = {}
+    if toml_path:
+        path = Path(toml_path)
+        try:
+            d = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ScratchError(f"--config {path}: file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ScratchError(f"--config {path}: invalid TOML: {e}") from None
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return from_dict(cls, d)
+    except ScratchError as e:
+        raise ScratchError(f"{toml_path}: {e}" if toml_path else str(e)) from None
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} {v!r} to TOML")
+
+
+def to_toml(cfg) -> str:
+    """The config as TOML: scalars first, then one [table] per nested dataclass or dict field."""
+    d = cfg if isinstance(cfg, dict) else to_dict(cfg)
+
+    def emit(d: dict, prefix: str) -> list[str]:
+        lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
+        for k, v in d.items():
+            if isinstance(v, dict):
+                lines += ["", f"[{prefix}{k}]"] + emit(v, f"{prefix}{k}.")
+        return lines
+
+    return "\n".join(emit(d, "")) + "\n"
+
+
+def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out

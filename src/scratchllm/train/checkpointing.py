@@ -1,0 +1,144 @@
+"""Training checkpoints: atomic `RUN_DIR/step_XXXXXXX/` folders, `RUN_DIR/latest`, verification, pruning,
+and the RNG state of every generator.
+
+What it does: `save_checkpoint` writes the model files (through the stage's `write_model(folder)`),
+`train_state.pt` (optimizer, scaler, step, RNGs, sampler position: plain containers and tensors only,
+so it loads with `torch.load(weights_only=True)`) and `meta.json` (step, tokens seen, metrics and the
+size + sha256 of every file) into a temp folder renamed into place; only then is `latest` rewritten and
+old checkpoints pruned, so a failed write (full disk, Ctrl-C) leaves the previous checkpoint loadable.
+`verify_checkpoint` re-hashes every file and names the one that does not match.
+What it does not do: decide when to save (the Trainer does) or build models (weights/ does).
+
+    ckpt = save_checkpoint(run, 100, write_model, train_state, {"tokens_seen": 1e6}, keep_last=3)
+    meta = verify_checkpoint(resolve_checkpoint(run))        # follows run/latest
+    state = load_train_state(ckpt)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scratchllm.common import ScratchError, atomic_dir, atomic_write_text
+
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step_(\d{7})$")
+
+
+def step_name(step: int) -> str:
+    """12 -> 'step_0000012'."""
+    return f"step_{step:07d}"
+
+
+def _digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path], None], train_state: dict,
+                    meta: dict, keep_last: int) -> Path:
+    """Write RUN_DIR/step_XXXXXXX atomically, then point `latest` at it and keep the newest `keep_last`."""
+    run_dir = Path(run_dir)
+    final = run_dir / step_name(step)
+    with atomic_dir(final, overwrite=True) as tmp:
+        write_model(tmp)
+        torch.save(train_state, tmp / STATE_FILE)
+        files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step, "files": files}, indent=2))
+    atomic_write_text(run_dir / LATEST, final.name + "\n")
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete-looking step folders of a run, oldest first (temp folders start with '.')."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    ckpts = list_checkpoints(run_dir)
+    latest = (Path(run_dir) / LATEST).read_text().strip() if (Path(run_dir) / LATEST).is_file() else None
+    for p in ckpts[: max(len(ckpts) - keep_last, 0)]:
+        if p.name != latest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or a run folder (follows its `latest` file)."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    if (path / LATEST).is_file():
+        name = (path / LATEST).read_text().strip()
+        if not (path / name / META_FILE).is_file():
+            raise ScratchError(f"{path / LATEST} names {name!r}, but {path / name / META_FILE} is missing")
+        return path / name
+    raise ScratchError(f"{path}: not a checkpoint (no {META_FILE}) nor a run folder (no {LATEST} file)")
+
+
+def verify_checkpoint(ckpt: str | Path) -> dict:
+    """Check every file listed in meta.json (size, then sha256); return the meta dict."""
+    ckpt = Path(ckpt)
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ScratchError(f"{ckpt / META_FILE}: unreadable checkpoint metadata ({e})") from None
+    for rel, want in meta.get("files", {}).items():
+        f = ckpt / rel
+        if not f.is_file():
+            raise ScratchError(f"corrupted checkpoint: {f} is missing")
+        got = _digest(f) if f.stat().st_size == want["size"] else {"size": f.stat().st_size}
+        if got != want:
+            what = "size" if got["size"] != want["size"] else "sha256"
+            raise ScratchError(f"corrupted checkpoint: {f} does not match its {what} in {ckpt / META_FILE} "
+                               f"(re-copy it or resume from an older step_* folder)")
+    return meta
+
+
+def load_train_state(ckpt: str | Path) -> dict:
+    try:
+        return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ScratchError(f"{Path(ckpt) / STATE_FILE}: cannot load training state ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state of every generator, as weights_only-loadable containers
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,39 @@
+"""Training objectives: `(model, batch) -> (loss_sum, metrics)` functions the Trainer runs.
+
+The contract every stage follows: an objective returns the SUM of its per-item losses over the
+micro-batch and `metrics["count"]`, the number of items that sum covers (valid targets for language
+modelling). The Trainer adds up sums and counts over all micro-batches (and ranks) of an optimizer
+step and divides once, so a step's loss is the mean over all of the step's valid targets however the
+step is split into micro-batches. Other metrics are sums as well (the Trainer reports them / count).
+What it does not do: any optimizer or device work; batches arrive already on the model's device.
+
+    loss_sum, metrics = next_token_objective(model, (x, y))   # x, y: (B, T) int64
+    loss = loss_sum / metrics["count"]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from scratchllm.common import IGNORE_INDEX
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_i -log softmax(logits_i)[targets_i] over targets != IGNORE_INDEX, and how many there were.
+
+    logits (B, T, V), targets (B, T) -> (scalar fp32 sum, scalar int64 count). Computed in fp32.
+    Example: logits all zero over V=4 and one valid target -> (log 4, 1).
+    """
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)),  # (B*T, V)
+                           targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def next_token_objective(model, batch) -> tuple[torch.Tensor, dict]:
+    """Pretraining: predict token t+1 from tokens <= t. `batch` is (idx, targets), both (B, T) int64,
+    targets already shifted by one (the data loaders do that). The model computes the loss itself
+    (`model(idx, targets=..., reduction="sum")`), which lets it chunk the lm_head + cross-entropy."""
+    idx, targets = batch
+    _, loss_sum = model(idx, targets=targets, reduction="sum")
+    return loss_sum, {"count": (targets != IGNORE_INDEX).sum()}
