@@ -81,6 +81,51 @@ def add_tokenizer(sub) -> None:
     s.set_defaults(func=_tok_stats)
 
 
+# --------------------------------------------------------------------------------------------- pretrain
+def _pretrain(args):
+    from scratchllm.train.pretrain import run
+
+    return run(args)
+
+
+def add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a GPT on token shards (DDP/FSDP under torchrun)")
+    g = p.add_argument_group("data, model and output")
+    g.add_argument("--data", help="a shard folder (from data prepare)")
+    g.add_argument("--input", nargs="+", metavar="SRC", help="or raw sources: prepared into OUT/shards first")
+    g.add_argument("--tokenizer", help="tokenizer folder or `gpt2` (default: the --model folder's)")
+    g.add_argument("--model-preset", help="train from scratch: tiny, small, gpt2, ...")
+    g.add_argument("--model", help="or continue from a checkpoint, run or Hugging Face GPT-2 folder")
+    g.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss.png, report.md)")
+    g.add_argument("--config", help="a TOML file of settings (flags override it)")
+    g.add_argument("--resume", nargs="?", const=True, metavar="PATH",
+                   help="continue the run in --out (or from this checkpoint / run folder)")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (default: DDP)")
+    t = p.add_argument_group("training (defaults in `scratchllm.configs.TrainConfig`)")
+    for flag, typ, hlp in [
+        ("--max-steps", int, "optimizer steps"), ("--batch-size", int, "sequences per micro-batch per process"),
+        ("--block-size", int, "context length (default: the model's)"),
+        ("--grad-accum", int, "micro-batches per step"), ("--batch-tokens", int, "global batch in tokens (sets grad-accum)"),
+        ("--lr", float, "peak learning rate"), ("--min-lr", float, "floor of the decay"),
+        ("--warmup-steps", int, "linear warmup steps"), ("--weight-decay", float, "AdamW weight decay"),
+        ("--grad-clip", float, "max gradient norm (0: off)"), ("--eval-every", int, "steps between evaluations"),
+        ("--eval-batches", int, "validation batches per evaluation"), ("--sample-every", int, "steps between samples"),
+        ("--sample-prompt", str, "prompt of the samples"), ("--sample-tokens", int, "tokens per sample"),
+        ("--checkpoint-every", int, "steps between checkpoints"), ("--keep-last", int, "checkpoints kept"),
+        ("--log-every", int, "steps between metrics lines"), ("--seed", int, "random seed"),
+        ("--device", str, "auto, cpu, cuda, cuda:N, mps"),
+    ]:
+        t.add_argument(flag, type=typ, help=hlp)
+    t.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="learning-rate schedule")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where fast")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA)")
+    t.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="deterministic algorithms only (bit-exact resume on GPUs)")
+    p.set_defaults(func=_pretrain)
+
+
 # --------------------------------------------------------------------------------------------- demo
 def _demo(args):
     from scratchllm.demo import run
@@ -96,7 +141,7 @@ def add_demo(sub) -> None:
 
 
 # Each entry registers one subcommand (group). Keep them in pipeline order.
-COMMANDS = [add_tokenizer, add_demo]
+COMMANDS = [add_tokenizer, add_pretrain, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
