@@ -74,23 +74,6 @@ def count_chunks(texts: Iterable[str], pattern: str, special_tokens: Iterable[st
     return counts
 
 
-def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
-    """Replace every non-overlapping (a, b), left to right, by new_id.
-
-    >>> _merge_word([97, 97, 97], 97, 97, 256)
-    [256, 97]
-    """
-    out, i, n = [], 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == a and word[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
-
-
 def learn_merges(chunk_counts: dict[bytes, int], num_merges: int, progress: bool = False
                  ) -> list[tuple[tuple[int, int], int]]:
     """Learn up to `num_merges` merges from {chunk bytes: count}; returns [((a, b), new_id), ...].
@@ -129,18 +112,33 @@ def learn_merges(chunk_counts: dict[bytes, int], num_merges: int, progress: bool
             bar.update(1)
         merges.append((pair, new_id))
 
+        # Rewrite each chunk holding the pair; only the pairs around a merge site change. With x the
+        # token left of the site (already rewritten, so possibly new_id) and y the one right of it:
+        # (x, a) -> (x, new_id), (a, b) -> gone, (b, y) -> (new_id, y). For back-to-back sites the
+        # (new_id, a) added by one site is removed again by the next, which leaves (new_id, new_id).
         delta: dict[tuple[int, int], int] = {}
         for wi in where.pop(pair):
             word, n = words[wi], freqs[wi]
-            new_word = _merge_word(word, a, b, new_id)
-            if len(new_word) == len(word):
-                continue  # stale index entry: this chunk no longer holds the pair
-            for p in zip(word, word[1:]):
-                delta[p] = delta.get(p, 0) - n
-            for p in zip(new_word, new_word[1:]):
-                delta[p] = delta.get(p, 0) + n
-                where.setdefault(p, set()).add(wi)
-            words[wi] = new_word
+            out, i, length = [], 0, len(word)
+            while i < length:
+                if word[i] == a and i + 1 < length and word[i + 1] == b:
+                    delta[pair] = delta.get(pair, 0) - n
+                    if out:
+                        x = out[-1]
+                        delta[(x, a)] = delta.get((x, a), 0) - n
+                        delta[(x, new_id)] = delta.get((x, new_id), 0) + n
+                        where.setdefault((x, new_id), set()).add(wi)
+                    if i + 2 < length:
+                        y = word[i + 2]
+                        delta[(b, y)] = delta.get((b, y), 0) - n
+                        delta[(new_id, y)] = delta.get((new_id, y), 0) + n
+                        where.setdefault((new_id, y), set()).add(wi)
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            words[wi] = out
         for p, d in delta.items():
             if d:
                 c = pair_counts.get(p, 0) + d
