@@ -67,7 +67,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _verify(path: Path, sha256: str | None, size: int | None) -> str | None:
+def check_file(path: Path, sha256: str | None, size: int | None) -> str | None:
     """None when `path` has the expected size and sha256 (unchecked when None), else the reason."""
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
@@ -92,7 +92,7 @@ def _bar(total: int | None, start: int, desc: str, enabled: bool):
 def _fetch_once(source: str, part: Path, size: int | None, progress: bool, timeout: float) -> None:
     """Append the rest of `source` to `part` (one attempt; raises OSError/HTTPException on failure)."""
     have = part.stat().st_size if part.exists() else 0
-    if size is not None and have >= size:  # nothing left to fetch; _verify decides
+    if size is not None and have >= size:  # nothing left to fetch; check_file decides
         if have > size:
             part.unlink()
             have = 0
@@ -144,7 +144,8 @@ def _fetch_once(source: str, part: Path, size: int | None, progress: bool, timeo
 
 
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size: int | None = None,
-             progress: bool = True, retries: int = 3, timeout: float = 30.0, force: bool = False) -> Path:
+             progress: bool = True, retries: int = 3, timeout: float = 30.0, force: bool = False,
+             source: str | None = None) -> Path:
     """Download `url` (through the mirror, if any) to `dest`; return `dest`.
 
     - An existing `dest` that passes the checks (size/sha256 when given) is returned as is, without
@@ -153,11 +154,12 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
       resuming with `Range: bytes=N-`. A `.part` left by an earlier, interrupted call is resumed too.
     - Size and sha256 are checked before the atomic rename. On a mismatch the `.part` is deleted,
       any existing `dest` is left untouched, and ScratchError names the URL and both hashes.
+    - `source` (a URL or a local path) replaces `resolve_url(url)` as the place to fetch from.
     """
     dest = Path(dest)
-    source = resolve_url(url)
+    source = source or resolve_url(url)
     via = f" (via mirror {source})" if source != url else ""
-    if dest.exists() and not force and _verify(dest, sha256, size) is None:
+    if dest.exists() and not force and check_file(dest, sha256, size) is None:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -180,7 +182,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
         raise ScratchError(f"cannot download {url}{via} after {retries + 1} attempts: "
                            f"{type(last_error).__name__}: {last_error}; {kept} bytes kept in {part}, "
                            "run again to resume") from None
-    problem = _verify(part, sha256, size)
+    problem = check_file(part, sha256, size)
     if problem is not None:
         part.unlink(missing_ok=True)
         kept = f"; the existing {dest} was kept" if dest.exists() else ""

@@ -1,0 +1,317 @@
+"""Text in every shape -> a stream of cleaned documents (the first step of `scratchllm prepare`).
+
+Inputs (mixed freely; `iter_documents` takes a list):
+  a file           .jsonl (one JSON object per line, `text_field`), .parquet (column `text_field`,
+                   needs pyarrow), anything else is UTF-8 text: one document per file, or several
+                   when the file separates them with `<|endoftext|>` (as TinyStories does)
+  a folder         every .txt/.md/.rst/.text/.jsonl/.parquet file under it, recursively, sorted
+  a glob           "corpus/**/*.txt" (quote it in the shell); matching nothing is an error
+  builtin:pydocs   Python's own documentation: `pydoc_data.topics` and the standard library's
+                   docstrings, read with `ast` (nothing is imported or executed), deterministic order
+  hf:NAME[:SPLIT]  a Hugging Face dataset (needs `datasets`): a folder written by `save_to_disk`, or a
+                   hub name streamed with `load_dataset(..., streaming=True)`; SPLIT defaults to train
+
+Cleaning, in this order: CRLF -> LF (`normalize_newlines`), Project Gutenberg header/footer removal
+(`strip_gutenberg`), dropping documents shorter than `min_chars`, exact-duplicate removal (`dedup`).
+Tokenization and sharding live in shards.py; this module only yields `Document(text, source)`.
+
+    >>> stats = SourceStats()
+    >>> docs = list(iter_documents(["book.txt", "notes/"], strip_gutenberg=True, stats=stats))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import json
+import re
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from scratchllm.common import ScratchError
+
+EOT = "<|endoftext|>"
+TEXT_EXTS = {".txt", ".md", ".rst", ".text"}
+FOLDER_EXTS = TEXT_EXTS | {".jsonl", ".parquet"}
+_GUTENBERG_START = re.compile(r"^[ \t]*\*\*\*[ \t]*START OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK[^\n]*\n",
+                              re.IGNORECASE | re.MULTILINE)
+_GUTENBERG_END = re.compile(r"^[ \t]*\*\*\*[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK",
+                            re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class Document:
+    text: str
+    source: str  # file path (with :line for JSONL), "builtin:pydocs/..." or "hf:NAME"
+
+
+@dataclass
+class SourceStats:
+    """Filled in while iterating: what was read and what was dropped (for index.json and the report)."""
+
+    sources: list[dict] = field(default_factory=list)  # {"path", "sha256", "bytes"} per input file
+    documents: int = 0  # documents yielded
+    empty_files: int = 0  # skipped: no text at all
+    empty_documents: int = 0  # skipped: empty after cleaning
+    too_short: int = 0  # dropped by min_chars
+    duplicates: int = 0  # dropped by dedup
+
+
+# --------------------------------------------------------------------------------------------- cleaning
+def strip_gutenberg_text(text: str) -> str:
+    """Keep the text between Project Gutenberg's START and END marker lines; unchanged without them.
+
+    >>> strip_gutenberg_text("header\\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\\nBody.\\n"
+    ...                      "*** END OF THE PROJECT GUTENBERG EBOOK X ***\\nlicense")
+    'Body.'
+    """
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[:end.start()]
+    return text.strip() if (start or end) else text
+
+
+def _decode(data: bytes, where: str, errors: str, offset: int = 0) -> str:
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise ScratchError(f"{where}: bytes at offset {offset + e.start} are not valid UTF-8 "
+                           f"({data[e.start:e.start + 4]!r}); convert the file to UTF-8 or pass "
+                           "--errors replace to substitute U+FFFD") from None
+
+
+# --------------------------------------------------------------------------------------------- readers
+def _read_text(path: Path, errors: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+    data = path.read_bytes()
+    stats.sources.append({"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    if not data.strip():
+        stats.empty_files += 1
+        return
+    text = _decode(data, str(path), errors)
+    parts = text.split(EOT)
+    if len(parts) == 1:
+        yield text, str(path)
+        return
+    for i, part in enumerate(parts):  # the separator's own line breaks belong to neither document
+        yield part.strip("\r\n"), f"{path}#{i}"
+
+
+
+def _read_jsonl(path: Path, text_field: str, errors: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+    h, offset, nonblank = hashlib.sha256(), 0, 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            h.update(raw)
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where, errors, offset)
+            offset += len(raw)
+            if not line.strip():
+                continue
+            nonblank += 1
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ScratchError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line of a "
+                                   ".jsonl file must be one JSON object") from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise ScratchError(f"{where}: no field {text_field!r} (found {keys}); choose the field "
+                                   "with --text-field")
+            value = obj[text_field]
+            if not isinstance(value, str):
+                raise ScratchError(f"{where}: field {text_field!r} is a {type(value).__name__}, not a string")
+            yield value, where
+    stats.sources.append({"path": str(path), "sha256": h.hexdigest(), "bytes": offset})
+    if nonblank == 0:
+        stats.empty_files += 1
+
+
+def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ScratchError(f"{path}: reading .parquet needs pyarrow (pip install 'scratchllm[parquet]')") from None
+    from scratchllm.weights.download import sha256_file
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise ScratchError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); choose "
+                           "it with --text-field")
+    stats.sources.append({"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size})
+    if pf.metadata.num_rows == 0:
+        stats.empty_files += 1
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield value, f"{path}:row {row}"
+            row += 1
+
+
+def _read_hf(spec: str, text_field: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ScratchError(f"hf:{spec}: Hugging Face datasets need `pip install 'scratchllm[hf]'`") from None
+    name, split = spec, "train"
+    if not Path(spec).exists() and ":" in spec:
+        name, split = spec.rsplit(":", 1)
+    if Path(name).is_dir():
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ScratchError(f"hf:{spec}: no split {split!r} (splits: {sorted(ds)}); use hf:{name}:SPLIT")
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    stats.sources.append({"path": f"hf:{spec}", "sha256": None, "bytes": None,
+                          "fingerprint": getattr(ds, "_fingerprint", None)})
+    for i, row in enumerate(ds):
+        if text_field not in row:
+            raise ScratchError(f"hf:{spec}: row {i} has no field {text_field!r} (fields: {sorted(row)}); "
+                               "choose it with --text-field")
+        yield row[text_field], f"hf:{spec}:row {i}"
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Turn folders and globs into sorted file lists; keep builtin:/hf: specs. Errors name the input.
+
+    >>> expand_inputs(["builtin:pydocs"])
+    ['builtin:pydocs']
+    """
+    if not inputs:
+        raise ScratchError("no --input given")
+    out: list[str] = []
+    for spec in inputs:
+        if spec.startswith(("builtin:", "hf:")):
+            if spec.startswith("builtin:") and spec != "builtin:pydocs":
+                raise ScratchError(f"unknown built-in corpus {spec!r}; the built-in corpus is builtin:pydocs")
+            out.append(spec)
+        elif Path(spec).is_dir():
+            files = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file()
+                           and p.suffix.lower() in FOLDER_EXTS and not any(s.startswith(".") for s in p.parts))
+            if not files:
+                raise ScratchError(f"folder {spec} holds no {'/'.join(sorted(FOLDER_EXTS))} files")
+            out.extend(files)
+        elif Path(spec).is_file():
+            out.append(spec)
+        elif glob.has_magic(spec):
+            files = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not files:
+                raise ScratchError(f"the pattern {spec!r} matches no files")
+            out.extend(files)
+        else:
+            raise ScratchError(f"input {spec} does not exist (expected a file, folder, glob, builtin:pydocs "
+                               "or hf:NAME)")
+    return out
+
+
+def _raw_documents(spec: str, text_field: str, errors: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+    if spec == "builtin:pydocs":
+        docs = pydocs_documents()
+        stats.sources.append({"path": spec, "bytes": sum(len(d.encode()) for d in docs),
+                              "sha256": hashlib.sha256("\x00".join(docs).encode()).hexdigest()})
+        for i, d in enumerate(docs):
+            yield d, f"builtin:pydocs#{i}"
+    elif spec.startswith("hf:"):
+        yield from _read_hf(spec[3:], text_field, stats)
+    elif spec.lower().endswith(".jsonl"):
+        yield from _read_jsonl(Path(spec), text_field, errors, stats)
+    elif spec.lower().endswith(".parquet"):
+        yield from _read_parquet(Path(spec), text_field, stats)
+    else:
+        yield from _read_text(Path(spec), errors, stats)
+
+
+def iter_documents(inputs: list[str], text_field: str = "text", errors: str = "strict",
+                   strip_gutenberg: bool = False, min_chars: int = 0, dedup: bool = False,
+                   normalize_newlines: bool = True, stats: SourceStats | None = None) -> Iterator[Document]:
+    """Yield the cleaned documents of `inputs` in a deterministic order (input order, files sorted).
+
+    Raises ScratchError for a missing path, a glob matching nothing, undecodable bytes (file and byte
+    offset; `errors="replace"` continues), a bad JSONL line (file:line), or when every input is empty.
+    `stats`, when given, collects the sources (path, sha256) and the counts of what was skipped.
+    """
+    if errors not in {"strict", "replace"}:
+        raise ScratchError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    if min_chars < 0:
+        raise ScratchError(f"min_chars must be >= 0, got {min_chars}")
+    stats = stats if stats is not None else SourceStats()
+    seen: set[bytes] = set()
+    for spec in expand_inputs(inputs):
+        for text, where in _raw_documents(spec, text_field, errors, stats):
+            if normalize_newlines:
+                text = text.replace("\r\n", "\n")
+            if strip_gutenberg:
+                text = strip_gutenberg_text(text)
+            if not text.strip():
+                stats.empty_documents += 1
+                continue
+            if len(text) < min_chars:
+                stats.too_short += 1
+                continue
+            if dedup:
+                key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                if key in seen:
+                    stats.duplicates += 1
+                    continue
+                seen.add(key)
+            stats.documents += 1
+            yield Document(text, where)
+    if stats.documents == 0:
+        if stats.empty_files and stats.empty_files == len(stats.sources):
+            raise ScratchError(f"all {stats.empty_files} input file(s) are empty: {', '.join(inputs)}")
+        raise ScratchError(f"no documents left in {', '.join(inputs)} ({stats.empty_documents} empty, "
+                           f"{stats.too_short} shorter than --min-chars {min_chars}, {stats.duplicates} duplicates)")
+
+
+# --------------------------------------------------------------------------------------------- builtin corpus
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "turtledemo",
+              "encodings", "pydoc_data", "ensurepip", "lib2to3"}
+
+
+def _docstrings(tree: ast.Module) -> list[str]:
+    """Module, class and function docstrings of one parsed module, in a fixed (breadth-first) order."""
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)]
+    return [d for d in (ast.get_docstring(n, clean=True) for n in nodes) if d and d.strip()]
+
+
+@lru_cache(maxsize=1)
+def _pydocs() -> tuple[str, ...]:
+    stdlib = Path(sysconfig.get_path("stdlib"))
+    topics_file = stdlib / "pydoc_data" / "topics.py"
+    docs: list[str] = []
+    if topics_file.is_file():
+        for node in ast.parse(topics_file.read_bytes()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "topics" for t in node.targets):
+                topics = ast.literal_eval(node.value)
+                docs.extend(topics[k] for k in sorted(topics))
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib)
+        if any(part in _SKIP_DIRS for part in rel.parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError):  # test fixtures with deliberately bad syntax or encodings
+            continue
+        strings = _docstrings(tree)
+        if strings:
+            docs.append("\n\n".join(strings))
+    return tuple(docs)
+
+
+def pydocs_documents() -> list[str]:
+    """The built-in corpus: the topics of `pydoc_data.topics` (sorted by name), then one document per
+    standard-library module (sorted by path) made of its docstrings. Read with `ast` only, so no module
+    is imported; about 2 MB of English on CPython 3.11. The text depends on the Python version."""
+    docs = list(_pydocs())
+    if not docs:
+        raise ScratchError(f"builtin:pydocs found no documentation under {sysconfig.get_path('stdlib')}")
+    return docs
