@@ -16,6 +16,7 @@ _PUBLIC = {
     "Tokenizer": "scratchllm.tokenizer.tokenizer",
     "train_bpe": "scratchllm.tokenizer.bpe",
     "ScratchError": "scratchllm.common",
+    "Engine": "scratchllm.infer.engine",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -1,0 +1,220 @@
+"""The generation engine: prefill the prompt into a preallocated KV cache, then one token per step.
+
+What it does: `Engine(model, tokenizer=None)` runs a GPT (see model/) autoregressively.
+- `generate(prompt_ids, max_new_tokens, ...)` yields new token ids one at a time;
+- `generate_batch(prompts, max_new_tokens, ...)` runs prompts of different lengths together
+  (left-padded, see KVCache.set_left_padding) and returns each one's new ids;
+- `stream_text(prompt, max_new_tokens, ...)` yields text deltas that never split a UTF-8 character.
+Sampling is sampling.py's (greedy when temperature=0); `seed` makes draws reproducible. `stop` holds
+stop token ids and/or stop strings: a stop token is not returned; for a stop string, `generate` ends
+before the token that completes it (earlier tokens of a multi-token stop string were already yielded),
+and `stream_text` cuts the text exactly before it. A prompt longer than block_size keeps its last
+block_size - max_new_tokens tokens with a warning (`truncate=False` makes that an error); with learned
+positions, generation stops with a warning when the sequence reaches block_size.
+What it does not do: know how prompts are formatted or load models (see weights/checkpoint.py).
+
+    >>> engine = Engine(model, tokenizer)
+    >>> ids = list(engine.generate(tokenizer.encode("Once upon"), 20, temperature=0))
+    >>> for delta in engine.stream_text("Once upon", 50, temperature=0.8, seed=1, stop=["\\n\\n"]):
+    ...     print(delta, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from scratchllm.common import ScratchError
+from scratchllm.infer.detok import Detokenizer
+from scratchllm.infer.sampling import SamplingParams, make_generator, sample
+from scratchllm.model.kv_cache import KVCache
+
+
+def split_stop(stop) -> tuple[set[int], list[str]]:
+    """stop (None, an id, a string, or a list of ids and strings) -> (stop ids, stop strings).
+
+    >>> split_stop([50256, "\\n\\n"])
+    ({50256}, ['\\n\\n'])
+    """
+    if stop is None:
+        return set(), []
+    if isinstance(stop, (int, str)):
+        stop = [stop]
+    ids, strings = set(), []
+    for s in stop:
+        if isinstance(s, str) and s:
+            strings.append(s)
+        elif isinstance(s, int) and not isinstance(s, bool) and s >= 0:
+            ids.add(s)
+        else:
+            raise ScratchError(f"stop entries must be token ids (int >= 0) or non-empty strings, got {s!r}")
+    return ids, strings
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise ScratchError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                               f"{self.config.vocab_size} (vocab_size): they do not belong together")
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, stop=None, seed: int | None = None,
+                 truncate: bool = True) -> Iterator[int]:
+        """Yield up to max_new_tokens new token ids for one prompt (a list or 1-D tensor of ids).
+        Arguments are checked at once (ScratchError), before the first token is asked for."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        run = self._run(*self._prepare([prompt_ids], max_new_tokens, stop, truncate), params, seed)
+        return (step[0] for step in run)
+
+    def generate_batch(self, prompts: Sequence, max_new_tokens: int, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                       repetition_penalty: float | None = None, stop=None, seed: int | None = None,
+                       truncate: bool = True) -> list[list[int]]:
+        """New token ids for each prompt, all run in one batch. Greedy results equal one-by-one runs;
+        sampled ones use one generator for the whole batch, so they differ from one-by-one draws."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self._run(*self._prepare(list(prompts), max_new_tokens, stop, truncate), params, seed):
+            for row, token in enumerate(step):
+                if token is not None:
+                    out[row].append(token)
+        return out
+
+    def stream_text(self, prompt, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, min_p: float | None = None,
+                    repetition_penalty: float | None = None, stop=None, seed: int | None = None,
+                    truncate: bool = True) -> Iterator[str]:
+        """Yield text deltas of the continuation of `prompt` (text or ids); stop strings are cut off."""
+        tok = self._need_tokenizer("stream_text")
+        ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+        stop_ids, stop_strings = split_stop(stop)
+        detok = Detokenizer(tok, stop_strings)
+        tokens = self.generate(ids, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                               sorted(stop_ids), seed, truncate)
+        return self._deltas(tokens, detok)
+
+    @staticmethod
+    def _deltas(tokens: Iterable[int], detok: Detokenizer) -> Iterator[str]:
+        for t in tokens:
+            delta = detok.push(t)
+            if delta:
+                yield delta
+            if detok.stopped:
+                return
+        tail = detok.finish()
+        if tail:
+            yield tail
+
+    # ------------------------------------------------------------------ the loop
+    def _prepare(self, prompts: list, max_new_tokens: int, stop, truncate: bool):
+        """Check the arguments (eagerly, so errors show before any work); fit prompts to block_size."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ScratchError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not prompts:
+            raise ScratchError("no prompts given")
+        stop_ids, stop_strings = split_stop(stop)
+        detoks = None
+        if stop_strings:
+            tok = self._need_tokenizer("stop strings")
+            detoks = [Detokenizer(tok, stop_strings) for _ in prompts]
+        prompts = [self._fit_prompt(p, max_new_tokens, truncate) for p in prompts]
+        return prompts, max_new_tokens, stop_ids, detoks
+
+    @torch.inference_mode()
+    def _run(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
+             detoks: list[Detokenizer] | None, params: SamplingParams, seed: int | None) \
+            -> Iterator[list[int | None]]:
+        """Per decode step, the new token of each row (None once a row has stopped). Ends when every
+        row has stopped, after max_new_tokens steps, or at block_size (learned positions)."""
+        cfg, B = self.config, len(prompts)
+        lens = [len(p) for p in prompts]
+        T = max(lens)
+        steps = max_new_tokens
+        if cfg.positions == "learned":
+            steps = min(steps, cfg.block_size - T)
+        if steps <= 0:
+            if steps < max_new_tokens:
+                self._warn_block_size(steps)
+            return
+
+        # prefill: left-pad to the longest prompt; the cache holds the prompt and every new token
+        idx = torch.zeros(B, T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            idx[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        idx = idx.to(self.device)  # (B, T)
+        cache = KVCache(cfg, B, T + steps - 1, device=self.device, dtype=self.dtype)  # last token is not fed
+        if min(lens) < T:
+            cache.set_left_padding(torch.tensor([T - n for n in lens]))
+        seen = None
+        if params.repetition_penalty not in (None, 1):
+            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=self.device)  # (B, V)
+            for b, n in enumerate(lens):
+                seen[b, idx[b, T - n:]] = True
+        gen = make_generator(seed, self.device)
+        hidden = self.model.hidden_states(idx, kv_cache=cache)  # (B, T, n_embd)
+        logits = self.model.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
+
+        done = [False] * B
+        for step in range(steps):
+            next_ids = sample(logits, params, gen, seen)  # (B,)
+            tokens = next_ids.tolist()
+            out: list[int | None] = []
+            for b, t in enumerate(tokens):
+                if not done[b] and t in stop_ids:
+                    done[b] = True
+                if not done[b] and detoks is not None:
+                    detoks[b].push(t)
+                    done[b] = detoks[b].stopped
+                out.append(None if done[b] else t)
+            if all(done):
+                return
+            yield out
+            if step + 1 == steps:
+                break
+            if seen is not None:
+                seen.scatter_(1, next_ids[:, None], True)
+            logits = self.model(next_ids[:, None], kv_cache=cache)[:, -1]  # (B, 1, V) -> (B, V)
+        if steps < max_new_tokens:
+            self._warn_block_size(steps)
+
+    # ------------------------------------------------------------------ helpers
+    def _fit_prompt(self, prompt, max_new_tokens: int, truncate: bool) -> list[int]:
+        """Prompt ids as a list; a prompt longer than block_size keeps its last block_size -
+        max_new_tokens tokens (with a warning), or raises when truncate is False."""
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        if not ids:
+            raise ScratchError("empty prompt: give at least one token (e.g. the tokenizer's <|endoftext|> id)")
+        V, block = self.config.vocab_size, self.config.block_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < V]
+        if bad:
+            raise ScratchError(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {V})")
+        if len(ids) <= block:
+            return ids
+        keep = block - max_new_tokens
+        what = f"the prompt has {len(ids)} tokens, more than the model's block_size {block}"
+        if not truncate:
+            raise ScratchError(f"{what} (shorten it, or allow truncation to keep its last tokens)")
+        if keep <= 0:
+            raise ScratchError(f"{what}, and max_new_tokens ({max_new_tokens}) leaves no room for it: "
+                               f"use max_new_tokens < {block}")
+        warnings.warn(f"{what}: keeping its last {keep} tokens (block_size - max_new_tokens)", stacklevel=2)
+        return ids[-keep:]
+
+    def _warn_block_size(self, steps: int) -> None:
+        warnings.warn(f"stopped after {steps} new token(s): the sequence reached block_size "
+                      f"{self.config.block_size}, the last position this model's learned position "
+                      f"embeddings know (use a shorter prompt for longer continuations)", stacklevel=3)
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ScratchError(f"{what} need a tokenizer: create the engine as Engine(model, tokenizer)")
+        return self.tokenizer

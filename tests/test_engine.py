@@ -1,0 +1,255 @@
+"""The engine against references nobody here wrote: a naive generator written in this file (a full
+forward each step, argmax, no cache), one-by-one runs for batched ones, Python's str.find for stop
+strings, and a scripted stand-in model whose output text is known in advance for streaming tests."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from scratchllm.common import ScratchError
+from scratchllm.infer.engine import Engine, split_stop
+from scratchllm.model import GPT, ModelConfig
+from scratchllm.tokenizer import train_bpe
+
+TEXT = "Hello 🙂 world, 日本語のテキスト and 👩‍👩‍👧 family. END of story"
+
+VARIANTS = {
+    "gpt2-sdpa": dict(),
+    "gpt2-naive": dict(attention="naive"),
+    "llama-gqa": dict(norm="rmsnorm", positions="rope", mlp="swiglu", n_kv_head=2),
+}
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset("tiny", block_size=64, vocab_size=512, **overrides)
+    return GPT(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: make_model(**kw) for name, kw in VARIANTS.items()}
+
+
+def naive_generate(model, prompt, n, repetition_penalty=None):
+    """The reference: full forward over the whole sequence each step, argmax of the last logits
+    (with CTRL's repetition penalty applied token by token when asked)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1].clone()  # (V,)
+            if repetition_penalty:
+                for t in set(ids):
+                    logits[t] = logits[t] / repetition_penalty if logits[t] > 0 else logits[t] * repetition_penalty
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def prompt_of(n, seed=1, vocab=512):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_greedy_equals_naive_uncached(models, variant):
+    model = models[variant]
+    prompt = prompt_of(7)
+    ours = list(Engine(model).generate(prompt, 20, temperature=0))
+    assert ours == naive_generate(model, prompt, 20)
+
+
+def test_single_token_prompt_and_zero_new_tokens(models):
+    model = models["gpt2-sdpa"]
+    assert list(Engine(model).generate([5], 6, temperature=0)) == naive_generate(model, [5], 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(Engine(model).generate([5], 0)) == []
+
+
+def test_top_k_1_equals_greedy(models):
+    engine = Engine(models["gpt2-sdpa"])
+    prompt = prompt_of(5)
+    assert list(engine.generate(prompt, 15, temperature=1.5, top_k=1, seed=3)) == \
+        list(engine.generate(prompt, 15, temperature=0))
+
+
+def test_fixed_seed_reproduces_samples(models):
+    engine = Engine(models["llama-gqa"])
+    prompt = prompt_of(5)
+
+    def run(seed):
+        return list(engine.generate(prompt, 20, temperature=1.0, top_p=0.95, min_p=0.01, seed=seed))
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_repetition_penalty_equals_naive_reference(models):
+    model = models["gpt2-sdpa"]
+    prompt = prompt_of(6)
+    ours = list(Engine(model).generate(prompt, 15, temperature=0, repetition_penalty=1.8))
+    assert ours == naive_generate(model, prompt, 15, repetition_penalty=1.8)
+    assert ours != naive_generate(model, prompt, 15)  # the penalty did change something
+
+
+@pytest.mark.parametrize("variant", ["gpt2-sdpa", "llama-gqa"])
+def test_batched_equals_one_by_one(models, variant):
+    engine = Engine(models[variant])
+    prompts = [prompt_of(9, seed=2), prompt_of(3, seed=3), prompt_of(6, seed=4)]
+    batched = engine.generate_batch(prompts, 12, temperature=0)
+    assert batched == [list(engine.generate(p, 12, temperature=0)) for p in prompts]
+
+
+def test_batched_rows_stop_independently(models):
+    engine = Engine(models["gpt2-sdpa"])
+    prompts = [prompt_of(4, seed=5), prompt_of(8, seed=6)]
+    free = engine.generate_batch(prompts, 10, temperature=0)
+    stop_id = free[0][3]  # row 0 stops at its 4th token; row 1 only if it meets the same id
+    batched = engine.generate_batch(prompts, 10, temperature=0, stop=[stop_id])
+    assert batched[0] == free[0][:free[0].index(stop_id)]
+    assert batched == [list(engine.generate(p, 10, temperature=0, stop=[stop_id])) for p in prompts]
+
+
+def test_stop_token_is_not_returned(models):
+    engine = Engine(models["gpt2-sdpa"])
+    prompt = prompt_of(5)
+    free = list(engine.generate(prompt, 15, temperature=0))
+    stop_id = free[6]
+    assert list(engine.generate(prompt, 15, temperature=0, stop=stop_id)) == free[:free.index(stop_id)]
+
+
+# ------------------------------------------------------------------ prompt length and block_size
+def test_long_prompt_is_truncated_with_a_warning(models):
+    model = models["gpt2-sdpa"]
+    prompt = prompt_of(100)  # block_size is 64
+    with pytest.warns(UserWarning, match="keeping its last 54 tokens"):
+        ours = list(Engine(model).generate(prompt, 10, temperature=0))
+    assert ours == naive_generate(model, prompt[-54:], 10)
+
+
+def test_long_prompt_raises_when_truncation_is_off(models):
+    with pytest.raises(ScratchError, match="100 tokens, more than the model's block_size 64"):
+        Engine(models["gpt2-sdpa"]).generate(prompt_of(100), 10, truncate=False)
+    with pytest.raises(ScratchError, match="max_new_tokens"):
+        Engine(models["gpt2-sdpa"]).generate(prompt_of(100), 64)
+
+
+def test_learned_positions_stop_at_block_size_with_a_message(models):
+    model = models["gpt2-sdpa"]
+    prompt = prompt_of(60)
+    with pytest.warns(UserWarning, match="stopped after 4 new token.*block_size 64"):
+        ours = list(Engine(model).generate(prompt, 10, temperature=0))
+    assert ours == naive_generate(model, prompt, 4)
+
+
+def test_rope_generates_past_block_size_without_warning(models):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = list(Engine(models["llama-gqa"]).generate(prompt_of(60), 10, temperature=0))
+    assert len(ours) == 10
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1), "temperature"),
+    (dict(top_p=0), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(min_p=2), "min_p"),
+    (dict(stop=[1.5]), "stop"),
+    (dict(stop=["x"]), "tokenizer"),
+])
+def test_bad_arguments_raise_before_the_first_token(models, kwargs, match):
+    with pytest.raises(ScratchError, match=match):
+        Engine(models["gpt2-sdpa"]).generate([1, 2], 5, **kwargs)  # not iterated: errors are eager
+
+
+def test_bad_prompts_raise(models):
+    engine = Engine(models["gpt2-sdpa"])
+    with pytest.raises(ScratchError, match="empty prompt"):
+        engine.generate([], 5)
+    with pytest.raises(ScratchError, match=r"outside this model's vocabulary \[0, 512\)"):
+        engine.generate([1, 512], 5)
+    with pytest.raises(ScratchError, match="max_new_tokens"):
+        engine.generate([1], -1)
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tok):
+    small = GPT(ModelConfig.from_preset("tiny", vocab_size=100))
+    with pytest.raises(ScratchError, match="tokenizer has 300 ids but the model only 100"):
+        Engine(small, tok)
+
+
+def test_split_stop():
+    assert split_stop(None) == (set(), [])
+    assert split_stop([3, "ab", 4]) == ({3, 4}, ["ab"])
+    assert split_stop("x") == (set(), ["x"])
+
+
+# ------------------------------------------------------------------ text: a scripted model
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe([TEXT * 2], vocab_size=300, special_tokens=["<|endoftext|>"])
+
+
+class ScriptedModel(nn.Module):
+    """Stands in for a GPT whose next token is known: step i (counted from the end of the prompt)
+    puts all probability on script[i]. It follows the KVCache protocol like GPT does."""
+
+    def __init__(self, script, vocab_size):
+        super().__init__()
+        self.config = ModelConfig(block_size=256, vocab_size=vocab_size, n_layer=1, n_head=1, n_embd=4)
+        self.script = script
+        self.anchor = nn.Parameter(torch.zeros(1))  # the engine reads device and dtype from it
+        self.prompt_len = 0
+
+    def hidden_states(self, idx, kv_cache):
+        B, T = idx.shape
+        if kv_cache.pos == 0:
+            self.prompt_len = T
+        kv_cache.advance(T)
+        step = kv_cache.pos - self.prompt_len
+        return torch.full((B, T, 1), float(step))  # (B, T, 1) the step index, read by lm_head
+
+    def lm_head(self, h):
+        steps = h[..., 0].long().clamp(max=len(self.script) - 1)
+        ids = torch.tensor(self.script)[steps]
+        return torch.nn.functional.one_hot(ids, self.config.vocab_size).float() * 10  # (..., V)
+
+    def forward(self, idx, kv_cache):
+        return self.lm_head(self.hidden_states(idx, kv_cache))
+
+
+def test_stream_text_never_splits_utf8_and_equals_decode(tok):
+    script = tok.encode(TEXT)
+    assert any(len(tok.token_bytes(i).decode("utf-8", errors="replace")) != len(tok.token_bytes(i))
+               for i in script)  # some tokens hold a piece of a multi-byte character
+    engine = Engine(ScriptedModel(script, tok.vocab_size), tok)
+    deltas = list(engine.stream_text("Q:", len(script), temperature=0))
+    assert "".join(deltas) == TEXT
+    assert all(d and "\ufffd" not in d for d in deltas)
+
+
+def test_stream_byte_tokens_of_emoji(tok):
+    script = list("🙂日".encode())  # 7 single-byte tokens
+    deltas = list(Engine(ScriptedModel(script, tok.vocab_size), tok).stream_text([1], 7, temperature=0))
+    assert deltas == ["🙂", "日"]
+
+
+def test_stop_string_across_token_boundaries(tok):
+    script = list(b"once upon. END more")  # one byte per token: "END" spans three
+    engine = Engine(ScriptedModel(script, tok.vocab_size), tok)
+    text = "".join(engine.stream_text([1], len(script), temperature=0, stop=["END"]))
+    assert text == "once upon. "
+    ids = list(engine.generate([1], len(script), temperature=0, stop=["END"]))
+    assert ids == script[:script.index(ord("D"))]  # ends before the token that completes "END"
+    # batched rows with stop strings end on their own
+    assert engine.generate_batch([[1], [2, 3]], len(script), temperature=0, stop=[". "]) == \
+        [script[:10], script[:10]]
+
+
+def test_stop_string_and_stop_id_together(tok):
+    script = tok.encode(TEXT) + [tok.eot_token] + tok.encode(" after")
+    engine = Engine(ScriptedModel(script, tok.vocab_size), tok)
+    assert "".join(engine.stream_text([1], len(script), temperature=0, stop=[tok.eot_token, "nothing"])) == TEXT
+    assert "".join(engine.stream_text([1], len(script), temperature=0, stop=[tok.eot_token, "日本"])) == \
+        TEXT[:TEXT.find("日本")]
