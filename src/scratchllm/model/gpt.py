@@ -10,7 +10,7 @@ What it does not do: any I/O, printing, optimisation or HF imports (see weights/
 
     >>> model = GPT(ModelConfig.from_preset("tiny"))
     >>> logits = model(torch.zeros(2, 8, dtype=torch.long))            # (2, 8, vocab_size)
-    >>> logits, loss = model(idx, targets=idx_shifted)                  # mean CE, IGNORE_INDEX skipped
+    >>> _, loss = model(idx, targets=idx_shifted)                       # mean CE, IGNORE_INDEX skipped
     >>> logits = model(idx, kv_cache=KVCache(model.config, 2, 64))     # cached, see kv_cache.py
 """
 
@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scratchllm.common import IGNORE_INDEX, ScratchError
+from scratchllm.common import ScratchError
 from scratchllm.model.config import ModelConfig
 from scratchllm.model.kv_cache import KVCache
+from scratchllm.model.loss import linear_cross_entropy
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -211,13 +212,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 reduction: str = "mean"):
-        """Logits (B, T, vocab_size) of idx (B, T); with targets (B, T) returns (logits, loss), the
-        cross-entropy over targets != IGNORE_INDEX, averaged ("mean") or summed ("sum")."""
-        logits = self.lm_head(self.hidden_states(idx, kv_cache))  # (B, T, vocab_size)
+        """Logits (B, T, vocab_size) of idx (B, T). With targets (B, T) returns (None, loss): the
+        cross-entropy over targets != IGNORE_INDEX, averaged ("mean") or summed ("sum"), computed in
+        row chunks by loss.linear_cross_entropy so the (B, T, vocab_size) logits never exist at once."""
+        h = self.hidden_states(idx, kv_cache)  # (B, T, n_embd)
         if targets is None:
-            return logits
+            return self.lm_head(h)  # (B, T, vocab_size)
         if reduction not in ("mean", "sum"):
             raise ScratchError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction=reduction)  # (B*T, V) vs (B*T,)
-        return logits, loss
+        loss = linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                    reduction=reduction)  # (B*T, n_embd) against (B*T,)
+        return None, loss

@@ -1,0 +1,74 @@
+"""Fused lm_head + cross-entropy, chunked over rows, that never holds the full (N, vocab) logits.
+
+What it does: `linear_cross_entropy(x, weight, targets)` equals
+`F.cross_entropy(x @ weight.T, targets, ignore_index=IGNORE_INDEX)` (mean or sum), computed
+`chunk_rows` rows at a time. When gradients are needed, each chunk's gradient is formed right away
+from the softmax: d loss / d logits = softmax(logits) - onehot(target) (zero on ignored rows), so
+the backward pass is two stored tensors times the incoming scalar gradient. That saves the fp32 copy of
+the logits, the separate log-softmax backward and most of the memory (a GPT-2 sized vocabulary
+makes the logits the largest activation by far).
+What it does not do: return logits (the model returns None for them when it uses this path).
+
+    loss = linear_cross_entropy(h.view(-1, C), model.lm_head.weight, targets.view(-1))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scratchllm.common import IGNORE_INDEX
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick for x (bf16 under bf16 autocast), else x's own dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, reduction, chunk_rows, dtype, need_grad):
+        N = x.shape[0]
+        valid = targets != IGNORE_INDEX  # (N,)
+        n_valid = valid.sum()
+        xc, wc = x.to(dtype), weight.to(dtype)  # (N, C), (V, C) in the matmul dtype
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+        scale = 1.0 / n_valid.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=x.device)
+        for s in range(0, N, chunk_rows):
+            rows = slice(s, min(s + chunk_rows, N))
+            t = targets[rows].clamp(min=0)[:, None]  # (n, 1), ignored rows point at class 0
+            keep = valid[rows]  # (n,)
+            logits = (xc[rows] @ wc.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            loss += ((lse - logits.gather(1, t)[:, 0]) * keep).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place over the logits
+                probs.scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))  # minus onehot
+                probs.mul_((keep.float() * scale)[:, None])  # ignored rows contribute nothing
+                g = probs.to(dtype)  # (n, V) d loss / d logits
+                grad_x[rows] = (g @ wc).to(x.dtype)  # (n, C)
+                grad_w += g.T @ xc[rows]  # (V, C)
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        if reduction == "mean":
+            loss = loss / n_valid.float()  # NaN when every target is ignored, like F.cross_entropy
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                         chunk_rows: int = 1024) -> torch.Tensor:
+    """Cross-entropy of the logits x @ weight.T (x (N, C), weight (V, C), targets (N,)) without
+    materialising them; rows whose target is IGNORE_INDEX are skipped."""
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(x, weight, targets, reduction, chunk_rows, dtype, need_grad)
