@@ -14,6 +14,7 @@ What it does not do: know any stage's logic; stages read fields and act.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tomllib
@@ -167,13 +168,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def resolve(cls, toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """defaults < TOML file < overrides (dotted keys; None values are skipped)."""
-    d: dict = {}
+def resolve(cls, toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+            base: dict | None = None):
+    """defaults < base (e.g. a resumed run's saved config) < TOML file < overrides (dotted keys; None
+    values are skipped)."""
+    d: dict = copy.deepcopy(base or {})
     if toml_path:
         path = Path(toml_path)
         try:
-            d = tomllib.loads(path.read_text(encoding="utf-8"))
+            d = _merge(d, tomllib.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise ScratchError(f"--config {path}: file not found") from None
         except tomllib.TOMLDecodeError as e:

@@ -44,13 +44,33 @@ RESUME_FREE = {"out", "train.max_steps", "train.eval_every", "train.eval_batches
                "train.log_every", "train.max_bad_steps", "train.compile", "train.device"}
 
 
-def config_from_args(args) -> PretrainConfig:
+def config_from_args(args, base: dict | None = None) -> PretrainConfig:
+    """defaults < `base` (the saved config of a run being resumed) < --config TOML < flags."""
     overrides = {field: getattr(args, dest, None) for dest, field in FLAGS.items()}
     if isinstance(overrides["train.compile"], bool):
         overrides["train.compile"] = "on" if overrides["train.compile"] else "off"
     if overrides["fsdp"] is False:
         overrides["fsdp"] = None  # store_true's default must not override the TOML file
-    return resolve(PretrainConfig, getattr(args, "config", None), overrides)
+    return resolve(PretrainConfig, getattr(args, "config", None), overrides, base=base)
+
+
+def saved_config(args) -> tuple[dict | None, Path | None]:
+    """With --resume: (the run's saved config.toml as a dict, the checkpoint folder), else (None, None).
+    `--resume` alone continues --out; `--resume PATH` a checkpoint or run folder."""
+    import tomllib
+
+    resume = getattr(args, "resume", None)
+    if not resume:
+        return None, None
+    src = Path(resume) if resume is not True else Path(args.out) if args.out else None
+    if src is None:
+        raise ScratchError("--resume needs --out RUN_DIR (or --resume PATH)")
+    if resume is True and not ckpt.list_checkpoints(src):
+        print0(f"--resume: no checkpoint in {src} yet, starting a new run")
+        return None, None
+    folder = ckpt.resolve_checkpoint(src)
+    saved = folder.parent / "config.toml"
+    return (tomllib.loads(saved.read_text()) if saved.is_file() else None), folder
 
 
 def check_out_dir(out: Path, resume, overwrite: bool) -> None:
@@ -67,12 +87,8 @@ def check_out_dir(out: Path, resume, overwrite: bool) -> None:
     raise ScratchError(f"--out {out} {what}: pass --resume to continue that run or --overwrite to replace it")
 
 
-def check_resume_config(cfg: PretrainConfig, saved_toml: Path) -> None:
-    import tomllib
-
-    if not saved_toml.is_file():
-        return
-    saved = tomllib.loads(saved_toml.read_text())
+def check_resume_config(cfg: PretrainConfig, saved: dict, saved_toml: Path) -> None:
+    """Refuse to resume when a field that changes the math of a step differs from the saved run."""
     changed = [f for f in diff(saved, to_dict(cfg)) if f not in RESUME_FREE]
     if changed:
         now = to_dict(cfg)
@@ -153,21 +169,15 @@ def run(args) -> int:
     from scratchllm.tokenizer import load_tokenizer
     from scratchllm.train.flops import gpt_train_flops_per_token, matmul_peak_flops
 
-    cfg = config_from_args(args)
+    base, resume_from = saved_config(args)
+    cfg = config_from_args(args, base)
     tc, out = cfg.train, Path(cfg.out)
-    resume, overwrite = getattr(args, "resume", None), getattr(args, "overwrite", False)
+    if base is not None:
+        check_resume_config(cfg, base, resume_from.parent / "config.toml")
     device = init_distributed(tc.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if rank == 0:
-        check_out_dir(out, resume, overwrite)
-    resume_from = None
-    if resume:
-        src = out if resume is True else Path(resume)
-        if resume is True and not ckpt.list_checkpoints(out):
-            print0(f"--resume: no checkpoint in {out} yet, starting a new run")
-        else:
-            resume_from = ckpt.resolve_checkpoint(src)
-            check_resume_config(cfg, resume_from.parent / "config.toml")
+        check_out_dir(out, getattr(args, "resume", None), getattr(args, "overwrite", False))
     if dist.is_initialized():
         dist.barrier()
     seed_everything(tc.seed + rank)
@@ -229,7 +239,7 @@ def run(args) -> int:
         dist.destroy_process_group()
     if summary["interrupted"]:
         return 130
-    val = summary["val"]
-    print0(f"done: step {summary['step']}, train loss {summary['train'].get('loss', float('nan')):.4f}"
+    val, train = summary["val"], summary["train"]
+    print0(f"done: step {summary['step']}" + (f", train loss {train['loss']:.4f}" if train else " (nothing to do)")
            + (f", val loss {val['loss']:.4f} (ppl {val['ppl']:.2f})" if val else "") + f"; outputs in {out}")
     return 0

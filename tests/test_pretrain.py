@@ -1,0 +1,116 @@
+"""`scratchllm pretrain` end to end on a tiny model: the golden loss curve, exact resume, continuing
+from a checkpoint, and clear errors for bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+from pretrain_helpers import SMALL_TOML, make_inputs, pretrain
+from safetensors.torch import load_file
+
+from scratchllm.common import ScratchError
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "pretrain_loss.json")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    paths = make_inputs(root)
+    (root / "run.toml").write_text(SMALL_TOML)
+    paths["config"] = root / "run.toml"
+    return paths
+
+
+def base_args(inputs, out, steps=8):
+    return ["--data", str(inputs["shards"]), "--tokenizer", str(inputs["tokenizer"]), "--config",
+            str(inputs["config"]), "--out", str(out), "--max-steps", str(steps)]
+
+
+def records(out, split="train"):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if f'"{split}"' in x]
+
+
+def weights(out):
+    return load_file(str(out / (out / "latest").read_text().strip() / "model.safetensors"))
+
+
+def test_golden_loss_curve(inputs, tmp_path):
+    """8 steps of a 2-layer GPT on the synthetic corpus (see tests/golden/pretrain_loss.json for how the
+    numbers were made). Regenerate after an intended numeric change with SCRATCHLLM_REGEN_GOLDEN=1."""
+    assert pretrain(*base_args(inputs, tmp_path / "run")) == 0
+    losses = [r["loss"] for r in records(tmp_path / "run")]
+    if os.environ.get("SCRATCHLLM_REGEN_GOLDEN"):
+        golden = {"how": "tests/test_pretrain.py::test_golden_loss_curve with SCRATCHLLM_REGEN_GOLDEN=1: "
+                         "scratchllm pretrain on tests/pretrain_helpers.py's synthetic corpus, byte-level "
+                         "tokenizer, SMALL_TOML config (2 layers, 32 dims, block 32, batch 4, lr 1e-2, "
+                         "fp32, CPU, seed 1234), 8 steps; train loss per step",
+                  "torch": torch.__version__, "losses": losses}
+        with open(GOLDEN, "w") as f:
+            json.dump(golden, f, indent=2)
+    golden = json.load(open(GOLDEN))["losses"]
+    assert len(losses) == len(golden) == 8
+    assert losses == pytest.approx(golden, abs=2e-4)
+    assert losses[-1] < losses[0] - 1.0  # it learns (bytes of a 34-word language)
+
+
+def test_outputs_and_resume_from_a_checkpoint_is_exact(inputs, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert pretrain(*base_args(inputs, full)) == 0
+    for name in ("config.toml", "metrics.jsonl", "loss.png", "report.md", "step_0000004", "step_0000008"):
+        assert (full / name).exists(), name
+    ckpt = full / "step_0000008"
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "config.json", "tokenizer", "train_state.pt",
+                                                 "meta.json"}
+    from scratchllm.weights.checkpoint import load_model
+
+    model, tok = load_model(full)  # the model engineer's loader reads our checkpoints
+    assert tok.vocab_size == 257 and model.config.n_layer == 2
+    # a second run, rewound to its step-4 checkpoint with only `--resume PATH`: steps 5..8 are
+    # trained again (max_steps is part of the LR schedule, so the run keeps its 8) and must match
+    assert pretrain(*base_args(inputs, part)) == 0
+    (part / "metrics.jsonl").write_text((part / "metrics.jsonl").read_text().replace('"loss": ', '"loss": 1'))
+    assert pretrain("--resume", str(part / "step_0000004")) == 0
+    for k, v in weights(full).items():
+        assert torch.equal(v, weights(part)[k]), k
+    strip = lambda rs: [(r["step"], r["loss"], r.get("grad_norm")) for r in rs]  # noqa: E731
+    assert strip(records(full)[4:]) == strip(records(part)[4:])  # re-logged after the resume point
+    assert strip(records(full, "val")[-1:]) == strip(records(part, "val")[-1:])
+
+
+def test_continue_from_a_model_folder(inputs, tmp_path):
+    assert pretrain(*base_args(inputs, tmp_path / "a", steps=4)) == 0
+    start = weights(tmp_path / "a")
+    args = ["--data", str(inputs["shards"]), "--model", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+            "--max-steps", "1", "--precision", "fp32", "--device", "cpu", "--lr", "1e-9", "--min-lr", "0", "--warmup-steps", "0",
+            "--batch-size", "2", "--block-size", "16", "--eval-every", "0"]
+    assert pretrain(*args) == 0
+    after = weights(tmp_path / "b")
+    assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)  # lr 1e-9: still the same weights
+
+
+def test_bad_inputs_get_clear_errors(inputs, tmp_path):
+    run = tmp_path / "run"
+    assert pretrain(*base_args(inputs, run, steps=2)) == 0
+    with pytest.raises(ScratchError, match="holds another run.*--resume.*--overwrite"):
+        pretrain(*base_args(inputs, run, steps=2))
+    with pytest.raises(ScratchError, match=r"config differs .* 2 field\(s\): train.batch_size: 4 -> 2; train.lr"):
+        pretrain("--out", str(run), "--resume", "--batch-size", "2", "--lr", "0.5")
+    assert pretrain(*base_args(inputs, run, steps=2), "--overwrite") == 0  # replaced, not refused
+    with pytest.raises(ScratchError, match="--block-size 64 is larger than the model's block_size 32"):
+        pretrain("--data", str(inputs["shards"]), "--model", str(run), "--out", str(tmp_path / "b"),
+                 "--block-size", "64")
+    with pytest.raises(ScratchError, match=r"batch_tokens 1000 is not divisible by .* 4 x 32 x 1 = 128"):
+        pretrain(*base_args(inputs, tmp_path / "c"), "--batch-tokens", "1000")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SMALL_TOML.replace("[train]", "[train]\nlearning_rate = 1.0"))
+    with pytest.raises(ScratchError, match=r"bad.toml: unknown config key\(s\) train.learning_rate"):
+        pretrain("--data", str(inputs["shards"]), "--config", str(bad), "--out", str(tmp_path / "d"))
+    from scratchllm.tokenizer import train_bpe
+
+    other = train_bpe(["some other text entirely"], 260, special_tokens=["<|endoftext|>"], name="other")
+    other.save(tmp_path / "other_tok")
+    with pytest.raises(ScratchError, match="made with tokenizer 'bytes'.*prepare the data again"):
+        pretrain("--data", str(inputs["shards"]), "--tokenizer", str(tmp_path / "other_tok"), "--config",
+                 str(inputs["config"]), "--out", str(tmp_path / "e"))
