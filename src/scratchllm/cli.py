@@ -81,6 +81,57 @@ def add_tokenizer(sub) -> None:
     s.set_defaults(func=_tok_stats)
 
 
+# --------------------------------------------------------------------------------------------- data
+def _prepare(args):
+    from scratchllm.data.shards import run
+
+    return run(args)
+
+
+def _data_list(args):
+    from scratchllm.data.registry import list_cmd
+
+    return list_cmd(args)
+
+
+def _data_get(args):
+    from scratchllm.data.registry import get_cmd
+
+    return get_cmd(args)
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize text into train/val token shards (parallel, resumable reads)")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC",
+                   help="files, folders, globs, .jsonl, .parquet, builtin:pydocs or hf:NAME[:SPLIT]")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer folder or `gpt2`")
+    p.add_argument("--out", required=True, help="output shard folder (must not exist unless --overwrite)")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents for validation")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    p.add_argument("--text-field", default="text", help="JSONL/Parquet/HF field holding the text")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="bytes that are not UTF-8: stop and name file/offset, or replace with U+FFFD")
+    p.add_argument("--strip-gutenberg", action="store_true", help="cut Project Gutenberg headers/footers")
+    p.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
+    p.add_argument("--keep-crlf", action="store_true", help="do not turn CRLF line endings into LF")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_prepare)
+
+    d = sub.add_parser("data", help="list and download the registered datasets (sha256-checked)")
+    dsub = d.add_subparsers(dest="data_cmd", required=True, metavar="ACTION")
+    lst = dsub.add_parser("list", help="the registered datasets, their size and licence")
+    lst.set_defaults(func=_data_list)
+    g = dsub.add_parser("get", help="download datasets into the cache (SCRATCHLLM_CACHE), honouring SCRATCHLLM_MIRROR")
+    g.add_argument("names", nargs="+", metavar="NAME", help="dataset names from `data list`, or `all`")
+    g.add_argument("--dest", help="also copy the file(s) into this folder")
+    g.add_argument("--force", action="store_true", help="download again even when the cached file is good")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_data_get)
+
+
 # --------------------------------------------------------------------------------------------- pretrain
 def _pretrain(args):
     from scratchllm.train.pretrain import run
@@ -141,7 +192,7 @@ def add_demo(sub) -> None:
 
 
 # Each entry registers one subcommand (group). Keep them in pipeline order.
-COMMANDS = [add_tokenizer, add_pretrain, add_demo]
+COMMANDS = [add_tokenizer, add_data, add_pretrain, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

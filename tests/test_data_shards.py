@@ -1,0 +1,192 @@
+"""shards.py: the shard stream equals tiktoken's encoding of the same documents (the reference), decodes
+back to the text, is identical with 1 or 2 workers, splits validation by the documented rules, never
+truncates ids, refuses a foreign tokenizer, and leaves nothing behind on Ctrl-C."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import scratchllm.data.shards as shards_mod
+from scratchllm.cli import main
+from scratchllm.common import ScratchError
+from scratchllm.data.shards import open_shards, prepare, split_for_encoding, token_dtype
+from scratchllm.data.sources import iter_documents
+from scratchllm.tokenizer import PATTERNS, Tokenizer, load_tokenizer
+
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture()
+def corpus(shared_data):
+    return [str(shared_data / "the-verdict.txt"), str(shared_data / "gutenberg" / "pg11.txt"),
+            str(shared_data / "tinystories" / "tinystories_sample_cs336.txt")]
+
+
+def stream(folder, split="train"):
+    ds = open_shards(folder)
+    arrays = ds.train if split == "train" else ds.val
+    return np.concatenate([np.asarray(a) for a in arrays]) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def reference(docs, enc):
+    """tiktoken's own encoding of each document, each followed by <|endoftext|>."""
+    out = []
+    for d in docs:
+        out += enc.encode_ordinary(d) + [EOT]
+    return out
+
+
+def test_stream_equals_tiktoken_on_whole_documents(corpus, gpt2, gpt2_tiktoken, tmp_path):
+    docs = [d.text for d in iter_documents(corpus)]
+    # tiny tasks: the 147 kB book is cut into ~36 pieces, each encoded alone
+    index = prepare(corpus, gpt2, tmp_path / "s", val_fraction=0.0, chunk_chars=4096, progress=False)
+    got = stream(tmp_path / "s")
+    assert got.tolist() == reference(docs, gpt2_tiktoken)
+    assert index["train_tokens"] == len(got) and index["val_tokens"] == 0 and index["val_rule"] == "none"
+    assert index["dtype"] == "uint16" and got.dtype == np.uint16
+    # decodes back to the source documents
+    text = gpt2_tiktoken.decode(got.tolist())
+    assert text.split("<|endoftext|>") == docs + [""]
+
+
+def test_two_workers_write_the_same_bytes(corpus, tmp_path):
+    a = prepare(corpus, "gpt2", tmp_path / "a", val_fraction=0.3, chunk_chars=2048, progress=False)
+    b = prepare(corpus, "gpt2", tmp_path / "b", val_fraction=0.3, chunk_chars=2048, workers=2, progress=False)
+    for split in ("train", "val"):
+        assert stream(tmp_path / "a", split).tobytes() == stream(tmp_path / "b", split).tobytes()
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_spawned_workers_load_a_trained_tokenizer(shared_data, tmp_path, monkeypatch):
+    from scratchllm.tokenizer import train_bpe
+
+    text = (shared_data / "the-verdict.txt").read_text()
+    tok = train_bpe([text], vocab_size=300, special_tokens=["<|endoftext|>"])
+    monkeypatch.setattr(shards_mod.mp, "get_all_start_methods", lambda: ["spawn"])
+    prepare([str(shared_data / "the-verdict.txt")], tok, tmp_path / "s", val_fraction=0.0, workers=2,
+            chunk_chars=2000, progress=False)
+    assert stream(tmp_path / "s").tolist() == tok.encode_ordinary(text) + [tok.eot_token]
+
+
+def test_validation_by_documents(shared_data, gpt2_tiktoken, tmp_path):
+    src = [str(shared_data / "tinystories" / "tinystories_sample_cs336.txt")]
+    docs = [d.text for d in iter_documents(src)]
+    index = prepare(src, "gpt2", tmp_path / "s", val_fraction=0.2, progress=False)
+    assert index["val_rule"] == "documents" and index["documents"]["val"] == 1  # floor(5 * 0.2)
+    assert stream(tmp_path / "s", "val").tolist() == reference(docs[4:], gpt2_tiktoken)  # the 5th document
+    assert stream(tmp_path / "s", "train").tolist() == reference(docs[:4], gpt2_tiktoken)
+
+
+def test_one_book_gets_the_tail_rule_across_shards(shared_data, gpt2_tiktoken, tmp_path, capsys):
+    src = str(shared_data / "the-verdict.txt")
+    assert main(["prepare", "--input", src, "--tokenizer", "gpt2", "--out", str(tmp_path / "s"),
+                 "--val-fraction", "0.1", "--shard-tokens", "100", "--quiet"]) == 0
+    assert "the tail of the token stream" in capsys.readouterr().out
+    full = reference([open(src).read()], gpt2_tiktoken)
+    assert len(full) == 5146  # README: 5145 GPT-2 tokens, + <|endoftext|>
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert index["val_rule"] == "tail" and index["val_tokens"] == 515  # round(0.1 * 5146)
+    assert stream(tmp_path / "s", "train").tolist() + stream(tmp_path / "s", "val").tolist() == full
+    assert max(index["train_shard_tokens"]) == 100 and len(index["val_shards"]) == 6
+    assert index["train_shards"][:2] == ["train_0000.bin", "train_0001.bin"]
+    assert index["sources"] == [{"path": src, "bytes": 20479,
+                                 "sha256": "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"}]
+    assert index["tokenizer"]["fingerprint"] == load_tokenizer("gpt2").fingerprint()
+
+
+def test_large_vocabulary_uses_uint32_and_keeps_ids(shared_data, tmp_path):
+    gpt2 = load_tokenizer("gpt2")
+    big = Tokenizer(gpt2.mergeable_ranks, gpt2.pattern, {"<|endoftext|>": 70_000}, name="big")
+    assert big.vocab_size == 70_001 and token_dtype(big.vocab_size) == np.uint32
+    index = prepare([str(shared_data / "the-verdict.txt")], big, tmp_path / "s", val_fraction=0, progress=False)
+    got = stream(tmp_path / "s")
+    assert index["dtype"] == "uint32" and got.dtype == np.uint32
+    assert got[-1] == 70_000  # would be 4464 if cut to 16 bits
+    assert (tmp_path / "s" / "train_0000.bin").stat().st_size == 4 * index["train_tokens"]
+
+
+def test_an_id_that_does_not_fit_is_refused_not_truncated(shared_data, tmp_path):
+    class Liar(Tokenizer):  # claims a small vocabulary, emits ids up to 50256
+        vocab_size = 1000
+
+    gpt2 = load_tokenizer("gpt2")
+    liar = Liar(gpt2.mergeable_ranks, gpt2.pattern, {"<|endoftext|>": 70_000})
+    with pytest.raises(ScratchError, match="token id 70000 does not fit the shard dtype uint16.*refusing"):
+        prepare([str(shared_data / "the-verdict.txt")], liar, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_fingerprint_mismatch_and_damaged_folders(shared_data, tmp_path):
+    prepare([str(shared_data / "the-verdict.txt")], "gpt2", tmp_path / "s", progress=False)
+    assert open_shards(tmp_path / "s", tokenizer="gpt2").vocab_size == 50257
+    gpt2 = load_tokenizer("gpt2")
+    other = Tokenizer(gpt2.mergeable_ranks, PATTERNS["gpt4"], gpt2.special_tokens, name="other")
+    with pytest.raises(ScratchError, match="made with tokenizer 'gpt2'.*not with 'other'.*prepare the data again"):
+        open_shards(tmp_path / "s", tokenizer=other)
+    with pytest.raises(ScratchError, match="already exists"):
+        prepare([str(shared_data / "the-verdict.txt")], "gpt2", tmp_path / "s", progress=False)
+    with open(tmp_path / "s" / "train_0000.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ScratchError, match="train_0000.bin is missing or truncated"):
+        open_shards(tmp_path / "s")
+    with pytest.raises(ScratchError, match="has no index.json"):
+        open_shards(tmp_path)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_leaves_nothing_behind(corpus, tmp_path, monkeypatch, workers):
+    real = shards_mod.iter_documents
+
+    def interrupted(*args, **kwargs):
+        for i, doc in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield doc
+
+    monkeypatch.setattr(shards_mod, "iter_documents", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, "gpt2", tmp_path / "out", workers=workers, chunk_chars=1000, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no out/, no temp folder
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert main(["prepare", "--input", str(tmp_path / "missing.txt"), "--tokenizer", "gpt2",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+
+
+_TEXT = st.lists(st.sampled_from(list("ab Z9\n\t.,'!é\u00b2") + ["\r\n", "  ", "'s", "123", "\n\n"]),
+                 max_size=120).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=_TEXT, chunk=st.integers(1, 40))
+def test_cut_points_never_change_the_encoding(text, chunk):
+    pieces = split_for_encoding(text, chunk)
+    assert "".join(pieces) == text
+    for name, tok in _toks().items():
+        assert sum((tok.encode_ordinary(p) for p in pieces), []) == tok.encode_ordinary(text), name
+
+
+_CACHE = {}
+
+
+def _toks():
+    """GPT-2, plus tokenizers trained here on text full of the alphabet's pieces with each pattern, so
+    that cross-boundary merges such as ".\n" (GPT-4 pattern) exist and a bad cut would change ids."""
+    if not _CACHE:
+        from scratchllm.tokenizer import train_bpe
+
+        _CACHE["gpt2"] = load_tokenizer("gpt2")
+        sample = ["ab Z9.\n\n\t'sé 123,!\r\n  ab.\nZ9!\n\u00b2 \n\nab's 9\n" * 20]
+        for name in ("gpt2", "gpt4"):
+            _CACHE[f"{name}-trained"] = train_bpe(sample, vocab_size=270, pattern=name)
+    return _CACHE
