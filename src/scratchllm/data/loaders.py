@@ -1,0 +1,183 @@
+"""Token arrays -> (x, y) batches: the book's sliding windows, a resumable random-window sampler for
+pretraining, and deterministic validation batches. `y` is `x` shifted left by one token.
+
+- `SlidingWindowDataset(tokens, block_size, stride)`: the book's GPTDatasetV1, a torch Dataset for
+  `DataLoader` (window i starts at i*stride).
+- `RandomWindowSampler(arrays, block_size, batch_size, seed, rank, world_size)`: each epoch cuts every
+  shard into non-overlapping windows of `block_size` tokens (at a random offset drawn per epoch),
+  shuffles all windows with a generator seeded by (seed, epoch), and deals them out round-robin:
+  rank r takes windows r, r+W, r+2W, ... So ranks never share a window within an epoch, and together
+  they see exactly what one process would. `state_dict()` is two integers (epoch, position) plus
+  checks; after `load_state_dict` the next batches are bit-identical to the uninterrupted run's.
+- `eval_batches(arrays, block_size, batch_size)`: non-overlapping windows from the start of each
+  array, in order, for validation loss.
+
+Batches are int64 `(B, T)`; on CUDA they are pinned and copied with `non_blocking=True`.
+Nothing here reads files: pass `open_shards(dir).train` (memory-mapped) or any 1-D arrays.
+
+    >>> s = RandomWindowSampler(open_shards("shards").train, block_size=256, batch_size=8)  # doctest: +SKIP
+    >>> x, y = s.next_batch()                                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from scratchllm.common import ScratchError
+
+STATE_VERSION = 1
+
+
+def _to_device(rows: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) int64 rows -> x, y (B, T) on `device` (pinned + non-blocking on CUDA)."""
+    buf = torch.from_numpy(rows)
+    x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
+    if str(device).startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    if str(device) != "cpu":
+        return x.to(device), y.to(device)
+    return x, y
+
+
+class SlidingWindowDataset(Dataset):
+    """The book's input/target windows over one token sequence.
+
+    Item i is (tokens[i*stride : i*stride+T], tokens[i*stride+1 : i*stride+T+1]) as int64 tensors,
+    for every start in range(0, len(tokens) - block_size, stride), as in the book's GPTDatasetV1.
+
+    >>> ds = SlidingWindowDataset([1, 2, 3, 4, 5], block_size=2, stride=2)
+    >>> len(ds), ds[1]
+    (2, (tensor([3, 4]), tensor([4, 5])))
+    """
+
+    def __init__(self, tokens, block_size: int, stride: int):
+        if block_size < 1 or stride < 1:
+            raise ScratchError(f"block_size and stride must be >= 1, got {block_size} and {stride}")
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.numpy()
+        self.tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens, dtype=np.int64)
+        if self.tokens.ndim != 1:
+            raise ScratchError(f"tokens must be 1-D, got shape {self.tokens.shape}")
+        self.block_size, self.stride = block_size, stride
+        self.starts = range(0, len(self.tokens) - block_size, stride)
+        if len(self.starts) == 0:
+            raise ScratchError(f"{len(self.tokens)} tokens are too few for one window of block_size "
+                               f"{block_size} (need at least {block_size + 1})")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.starts[i]
+        chunk = torch.from_numpy(np.asarray(self.tokens[start:start + self.block_size + 1], dtype=np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class RandomWindowSampler:
+    """Seeded random windows over token arrays, rank-sharded for DDP, resumable bit-exactly."""
+
+    def __init__(self, arrays: Sequence, block_size: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: str = "cpu"):
+        if block_size < 1 or batch_size < 1:
+            raise ScratchError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ScratchError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.arrays = list(arrays)
+        self.lengths = np.array([len(a) for a in self.arrays], dtype=np.int64)
+        if int(np.maximum(0, (self.lengths - 1) // block_size).sum()) == 0:
+            raise ScratchError(f"the token arrays ({int(self.lengths.sum())} tokens, longest "
+                               f"{int(self.lengths.max(initial=0))}) are too short for one window of "
+                               f"block_size {block_size}: a shard needs at least {block_size + 1} tokens")
+        self.block_size, self.batch_size = block_size, batch_size
+        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
+        self.epoch, self.pos = 0, rank  # pos: index (in this epoch's shuffled order) of our next window
+        self._plan_epoch, self._plan = -1, None
+
+    def _plan_for(self, epoch: int):
+        """(offset, cumulative window counts per array, shuffled window ids) of one epoch, cached."""
+        if self._plan_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(0, self.block_size))
+            per = np.maximum(0, (self.lengths - 1 - offset) // self.block_size)
+            if per.sum() == 0:  # shards so short that the offset leaves no window
+                offset, per = 0, np.maximum(0, (self.lengths - 1) // self.block_size)
+            cum = np.concatenate([[0], np.cumsum(per)])
+            self._plan = (offset, cum, rng.permutation(int(cum[-1])))
+            self._plan_epoch = epoch
+        return self._plan
+
+    def _next_window(self) -> tuple[int, int]:
+        offset, cum, perm = self._plan_for(self.epoch)
+        while self.pos >= len(perm):  # roll into the next epoch, keeping our place in the round-robin
+            self.pos -= len(perm)
+            self.epoch += 1
+            offset, cum, perm = self._plan_for(self.epoch)
+        w = int(perm[self.pos])
+        self.pos += self.world_size
+        shard = int(np.searchsorted(cum, w, side="right")) - 1
+        return shard, offset + (w - int(cum[shard])) * self.block_size
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y), int64 (B, T) each."""
+        T = self.block_size
+        rows = np.empty((self.batch_size, T + 1), dtype=np.int64)  # (B, T+1)
+        for b in range(self.batch_size):
+            shard, start = self._next_window()
+            rows[b] = self.arrays[shard][start:start + T + 1]
+        return _to_device(rows, self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        """Plain ints and strings (safe for `torch.load(weights_only=True)`)."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "pos": self.pos, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "block_size": self.block_size,
+                "lengths": [int(n) for n in self.lengths]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` was taken. The data, seed, block size and ranks must match."""
+        if state.get("version") != STATE_VERSION:
+            raise ScratchError(f"sampler state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("seed", "rank", "world_size", "block_size", "lengths"):
+            if state.get(key) != mine[key]:
+                show = (lambda v: f"{len(v)} arrays, {sum(v)} tokens") if key == "lengths" else repr
+                raise ScratchError(f"cannot resume the data sampler: saved {key} {show(state.get(key))} differs "
+                                   f"from this run's {show(mine[key])}; resume with the same data and settings")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+def eval_batches(arrays: Sequence, block_size: int, batch_size: int, max_batches: int | None = None,
+                 device: str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic validation batches: windows at 0, T, 2T, ... of each array in order, B per batch
+    (the last batch may be smaller), at most `max_batches` batches.
+
+    >>> [x.tolist() for x, _ in eval_batches([np.arange(7)], block_size=3, batch_size=1)]
+    [[[0, 1, 2]], [[3, 4, 5]]]
+    """
+    if block_size < 1 or batch_size < 1:
+        raise ScratchError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
+    total = sum(max(0, (len(a) - 1) // block_size) for a in arrays)
+    if total == 0:
+        n = sum(len(a) for a in arrays)
+        raise ScratchError(f"the validation tokens ({n}) are too few for one window of block_size "
+                           f"{block_size}; use a larger --val-fraction or a smaller block_size")
+    if max_batches is not None and max_batches <= 0:
+        return
+    rows, made = [], 0
+    for a in arrays:
+        for start in range(0, len(a) - block_size, block_size):
+            rows.append(np.asarray(a[start:start + block_size + 1], dtype=np.int64))
+            if len(rows) == batch_size:
+                yield _to_device(np.stack(rows), device)  # (B, T+1) -> (B, T) x2
+                rows, made = [], made + 1
+                if max_batches is not None and made >= max_batches:
+                    return
+    if rows:
+        yield _to_device(np.stack(rows), device)
