@@ -222,7 +222,7 @@ def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = Fals
             (tmp / "tokenizer.json").write_text(_fast_tokenizer_json(tokenizer, vocab, merges), encoding="utf-8")
             eot_text = "<|endoftext|>" if eot is not None else None
             specials = {"bos_token": eot_text, "eos_token": eot_text, "unk_token": eot_text}
-            tok_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.block_size,
+            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
                           "add_prefix_space": False, "add_bos_token": False, **specials}
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
             (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
