@@ -169,8 +169,9 @@ def get(name: str, dest: str | os.PathLike | None = None, force: bool = False, p
         problem = check_file(tmp, ds.final_sha256, ds.final_size)
         if problem is not None:
             tmp.unlink()
-            raise ScratchError(f"dataset {name}: the file derived from {ds.url} has {problem}; "
-                               f"delete {raw} and retry, or check SCRATCHLLM_MIRROR")
+            raw.unlink()  # its own checksum passed (or it has none): the next call fetches it again
+            raise ScratchError(f"dataset {name}: the file derived from {ds.url} has {problem}; it was "
+                               "not saved. The server or SCRATCHLLM_MIRROR holds a different file")
         os.replace(tmp, target)
     if dest is None:
         return target
