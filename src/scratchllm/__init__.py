@@ -16,6 +16,13 @@ _PUBLIC = {
     "Tokenizer": "scratchllm.tokenizer.tokenizer",
     "train_bpe": "scratchllm.tokenizer.bpe",
     "ScratchError": "scratchllm.common",
+    "iter_documents": "scratchllm.data.sources",
+    "prepare": "scratchllm.data.shards",
+    "open_shards": "scratchllm.data.shards",
+    "SlidingWindowDataset": "scratchllm.data.loaders",
+    "RandomWindowSampler": "scratchllm.data.loaders",
+    "eval_batches": "scratchllm.data.loaders",
+    "download": "scratchllm.weights.download",
     "Engine": "scratchllm.infer.engine",
 }
 
