@@ -58,6 +58,8 @@ def test_batches_are_shifted_windows_of_the_data():
     b = [x.tolist() for x, _ in take(RandomWindowSampler(arrays(), 16, 4, seed=1), 5)]
     c = [x.tolist() for x, _ in take(RandomWindowSampler(arrays(), 16, 4, seed=2), 5)]
     assert a == b and a != c
+    it = iter(RandomWindowSampler(arrays(), 16, 4, seed=1))
+    assert [next(it)[0].tolist() for _ in range(5)] == a
 
 
 def test_an_epoch_covers_each_window_once():

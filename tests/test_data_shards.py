@@ -190,3 +190,44 @@ def _toks():
         for name in ("gpt2", "gpt4"):
             _CACHE[f"{name}-trained"] = train_bpe(sample, vocab_size=270, pattern=name)
     return _CACHE
+
+
+def test_cli_cleaning_options_reach_the_index(shared_data, tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"body": "a dup"}\n{"body": "a dup"}\n{"body": "x"}\n{"body": "caf\\u00e9 fine"}\n')
+    book = str(shared_data / "gutenberg" / "pg1342.txt")
+    assert main(["prepare", "--input", str(src), book, "--tokenizer", "gpt2", "--out", str(tmp_path / "s"),
+                 "--text-field", "body", "--dedup", "--min-chars", "2", "--strip-gutenberg", "--quiet",
+                 "--val-fraction", "0"]) == 0
+    assert "skipped 1 too short, 1 duplicates" in capsys.readouterr().out
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert index["options"] == {"val_fraction": 0.0, "shard_tokens": 100_000_000, "text_field": "body",
+                                "errors": "strict", "strip_gutenberg": True, "min_chars": 2, "dedup": True,
+                                "normalize_newlines": True}
+    text = load_tokenizer("gpt2").decode(stream(tmp_path / "s").tolist())
+    docs = text.split("<|endoftext|>")
+    assert docs[:2] == ["a dup", "café fine"] and docs[2].startswith("[Illustration")
+    assert "Project Gutenberg" not in docs[2][-3000:]
+
+
+@pytest.mark.slow
+def test_real_sigint_during_prepare_leaves_nothing(shared_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    story = str(shared_data / "tinystories" / "tinystories_sample_2MiB.txt")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "scratchllm", "prepare", "--input", *[story] * 40,
+                             "--tokenizer", "gpt2", "--out", str(tmp_path / "out"), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the ~80 MB of work
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert list(tmp_path.iterdir()) == []

@@ -183,3 +183,17 @@ def test_builtin_pydocs_is_deterministic_and_imports_nothing_it_reads():
 
     assert docs[:len(topics)] == [topics[k] for k in sorted(topics)]
     assert texts(["builtin:pydocs"])[:3] == docs[:3]
+
+
+def test_hf_hub_names_are_streamed(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        return iter([{"text": "streamed one"}, {"text": "streamed two"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert texts(["hf:roneneldan/TinyStories:validation"]) == ["streamed one", "streamed two"]
+    assert texts(["hf:someone/corpus"]) == ["streamed one", "streamed two"]
+    assert calls == [("roneneldan/TinyStories", "validation", True), ("someone/corpus", "train", True)]
