@@ -113,14 +113,15 @@ def test_large_vocabulary_uses_uint32_and_keeps_ids(shared_data, tmp_path):
     assert (tmp_path / "s" / "train_0000.bin").stat().st_size == 4 * index["train_tokens"]
 
 
-def test_an_id_that_does_not_fit_is_refused_not_truncated(shared_data, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_id_that_does_not_fit_is_refused_not_truncated(shared_data, tmp_path, workers):
     class Liar(Tokenizer):  # claims a small vocabulary, emits ids up to 50256
         vocab_size = 1000
 
     gpt2 = load_tokenizer("gpt2")
     liar = Liar(gpt2.mergeable_ranks, gpt2.pattern, {"<|endoftext|>": 70_000})
     with pytest.raises(ScratchError, match="token id 70000 does not fit the shard dtype uint16.*refusing"):
-        prepare([str(shared_data / "the-verdict.txt")], liar, tmp_path / "s", progress=False)
+        prepare([str(shared_data / "the-verdict.txt")], liar, tmp_path / "s", workers=workers, progress=False)
     assert not (tmp_path / "s").exists()
 
 
