@@ -253,3 +253,60 @@ def test_stop_string_and_stop_id_together(tok):
     assert "".join(engine.stream_text([1], len(script), temperature=0, stop=[tok.eot_token, "nothing"])) == TEXT
     assert "".join(engine.stream_text([1], len(script), temperature=0, stop=[tok.eot_token, "日本"])) == \
         TEXT[:TEXT.find("日本")]
+
+
+# ------------------------------------------------------------------ the CLI
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    from scratchllm.weights.checkpoint import save_model
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny", block_size=64, vocab_size=tok.vocab_size))
+    return save_model(model, tok, tmp_path_factory.mktemp("m") / "model"), model
+
+
+def test_cli_generate_matches_the_engine(model_dir, tok, capsys):
+    from scratchllm.cli import main
+
+    folder, model = model_dir
+    prompt = "Hello 🙂"
+    expected = tok.decode(list(Engine(model, tok).generate(tok.encode(prompt), 12, temperature=0,
+                                                            stop=[tok.eot_token])))
+    args = ["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12",
+            "--temperature", "0", "--precision", "fp32"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == prompt + expected + "\n"
+    assert main(args + ["--stream", "--no-echo"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n"
+    assert "tokens/s" in captured.err
+
+
+def test_cli_errors_are_clean(model_dir, tmp_path, capsys):
+    from scratchllm.cli import main
+
+    folder, _ = model_dir
+    assert main(["generate", "--model", str(folder), "--prompt", "hi", "--top-p", "1.5"]) == 2
+    assert "error: sampling parameter top_p=1.5" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_model_without_tokenizer_needs_tokenizer_flag(model_dir, tok, tmp_path, capsys):
+    from scratchllm.cli import main
+    from scratchllm.weights.checkpoint import save_model
+
+    _, model = model_dir
+    bare = save_model(model, None, tmp_path / "bare")
+    assert main(["generate", "--model", str(bare), "--prompt", "hi", "--precision", "fp32"]) == 2
+    assert "no tokenizer/ folder: pass --tokenizer" in capsys.readouterr().err
+    tok.save(tmp_path / "tok")
+    assert main(["generate", "--model", str(bare), "--tokenizer", str(tmp_path / "tok"), "--prompt", "hi",
+                 "--max-new-tokens", "3", "--seed", "1", "--precision", "fp32"]) == 0
+    assert capsys.readouterr().out.startswith("hi")
+
+
+def test_unescape_stop_strings():
+    from scratchllm.infer.commands import unescape
+
+    assert unescape("a\\n\\tb é 🙂\\\\") == "a\n\tb é 🙂\\"

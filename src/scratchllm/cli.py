@@ -177,52 +177,36 @@ def add_pretrain(sub) -> None:
     p.set_defaults(func=_pretrain)
 
 
-# --------------------------------------------------------------------------------------------- model + weights
-def _model_info(args):
-    from scratchllm.weights.commands import model_info
+# --------------------------------------------------------------------------------------------- generate
+def _generate(args):
+    from scratchllm.infer.commands import generate
 
-    return model_info(args)
-
-
-def _download(args):
-    from scratchllm.weights.commands import download
-
-    return download(args)
+    return generate(args)
 
 
-def _export(args):
-    from scratchllm.weights.commands import export
-
-    return export(args)
-
-
-def add_model(sub) -> None:
-    p = sub.add_parser("model", help="inspect model sizes: parameters, FLOPs, memory")
-    msub = p.add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
-    i = msub.add_parser("info", help="parameters, bytes, FLOPs/token, training and inference memory")
-    i.add_argument("--preset", help="a preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, small)")
-    i.add_argument("--model", help="a model folder, run folder or HF GPT-2 folder (reads config.json only)")
-    i.add_argument("--batch", type=int, default=1, help="batch size for the memory estimates (default 1)")
-    i.add_argument("--block", type=int, default=None, help="sequence length (default: the model's block_size)")
-    i.set_defaults(func=_model_info)
-
-
-def add_download(sub) -> None:
-    p = sub.add_parser("download", help="download pretrained weights (OpenAI GPT-2 from the HF hub layout)")
-    p.add_argument("name", choices=["gpt2"], help="what to download")
-    p.add_argument("--size", default="124M", choices=["124M", "355M", "774M", "1558M"], help="GPT-2 size")
-    p.add_argument("--dest", help="target folder (default: $SCRATCHLLM_CACHE/models/<repo>)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_download)
-
-
-def add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a model folder to another format (hf: transformers GPT-2)")
-    p.add_argument("--model", required=True, help="a model folder or run folder (with tokenizer/)")
-    p.add_argument("--format", default="hf", choices=["hf"], help="output format (default hf)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.set_defaults(func=_export)
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a model (sampling, stop strings, streaming)")
+    p.add_argument("--model", required=True, help="a model folder, a run folder (newest checkpoint) or a HF GPT-2 folder")
+    p.add_argument("--tokenizer", help="tokenizer folder or `gpt2`, when the model folder has no tokenizer/")
+    p.add_argument("--prompt", required=True, help="the text to continue (`-` reads it from stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="most tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; default 1.0")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top token's probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (e.g. 1.2)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop before this text (repeatable; escapes like \\n work)")
+    p.add_argument("--ignore-eot", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="error out on a prompt longer than block_size instead of keeping its end")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights dtype (auto: bf16 where the hardware is fast at it, else fp32)")
+    p.set_defaults(func=_generate)
 
 
 # --------------------------------------------------------------------------------------------- demo
@@ -240,7 +224,7 @@ def add_demo(sub) -> None:
 
 
 # Each entry registers one subcommand (group). Keep them in pipeline order.
-COMMANDS = [add_tokenizer, add_data, add_model, add_download, add_export, add_pretrain, add_demo]
+COMMANDS = [add_tokenizer, add_data, add_pretrain, add_generate, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,19 @@ def split_stop(stop) -> tuple[set[int], list[str]]:
     return ids, strings
 
 
+def text_deltas(tokens: Iterable[int], detok: Detokenizer) -> Iterator[str]:
+    """Non-empty text deltas of a token stream, ending at the detokenizer's first stop string."""
+    for t in tokens:
+        delta = detok.push(t)
+        if delta:
+            yield delta
+        if detok.stopped:
+            return
+    tail = detok.finish()
+    if tail:
+        yield tail
+
+
 class Engine:
     def __init__(self, model, tokenizer=None):
         self.model = model.eval()
@@ -100,19 +113,7 @@ class Engine:
         detok = Detokenizer(tok, stop_strings)
         tokens = self.generate(ids, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                                sorted(stop_ids), seed, truncate)
-        return self._deltas(tokens, detok)
-
-    @staticmethod
-    def _deltas(tokens: Iterable[int], detok: Detokenizer) -> Iterator[str]:
-        for t in tokens:
-            delta = detok.push(t)
-            if delta:
-                yield delta
-            if detok.stopped:
-                return
-        tail = detok.finish()
-        if tail:
-            yield tail
+        return text_deltas(tokens, detok)
 
     # ------------------------------------------------------------------ the loop
     def _prepare(self, prompts: list, max_new_tokens: int, stop, truncate: bool):

@@ -1,0 +1,84 @@
+"""The `scratchllm generate` subcommand: load a model folder and continue a prompt.
+
+What it does: loads a model (our folder, a run folder, or a Hugging Face GPT-2 folder) with
+`load_model`, casts it to the chosen precision, and prints the prompt followed by its continuation,
+streamed as it is produced with --stream. The model's `<|endoftext|>` token stops generation unless
+--ignore-eot is given. Stop strings accept the escapes \\n, \\t and \\\\. A summary (tokens, seconds,
+tokens/s) goes to stderr.
+What it does not do: chat templates or serving (see serve/).
+
+    scratchllm generate --model runs/demo/model --prompt "Once upon a time" --max-new-tokens 50 --stream
+    scratchllm generate --model gpt2-folder/ --prompt "Hello" --temperature 0.7 --top-p 0.9 --seed 1 --stop '\\n\\n'
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from scratchllm.common import ScratchError, select_device, select_precision, torch_dtype
+
+
+def unescape(s: str) -> str:
+    """Turn the escapes a shell user types into characters: '\\\\n' -> newline (non-ASCII text kept).
+
+    >>> unescape("a\\\\n\\\\tb é")
+    'a\\n\\tb é'
+    """
+    return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def generate(args) -> int:
+    from scratchllm.infer.detok import Detokenizer
+    from scratchllm.infer.engine import Engine, text_deltas
+    from scratchllm.weights.checkpoint import load_model
+
+    device = select_device(args.device)
+    precision = select_precision(args.precision, device)
+    model, tokenizer = load_model(args.model, device=device)
+    if args.tokenizer:
+        from scratchllm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise ScratchError(f"{args.model} has no tokenizer/ folder: pass --tokenizer DIR (or `gpt2`)")
+    model = model.to(torch_dtype(precision))
+    engine = Engine(model, tokenizer)
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        prompt_ids = tokenizer.encode(prompt, allowed_special="all")
+    except ValueError as e:
+        raise ScratchError(f"--prompt: {e}") from None
+    if not prompt_ids and tokenizer.eot_token is not None:
+        prompt_ids = [tokenizer.eot_token]  # an empty prompt: start from <|endoftext|>, as GPT-2 does
+    stop_strings = [unescape(s) for s in args.stop or []]
+    stop_ids = [] if tokenizer.eot_token is None or args.ignore_eot else [tokenizer.eot_token]
+    tokens = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                             stop=stop_ids, seed=args.seed, truncate=not args.no_truncate)
+    n = 0
+
+    def counted(it):
+        nonlocal n
+        for t in it:
+            n += 1
+            yield t
+
+    t0 = time.perf_counter()
+    deltas = text_deltas(counted(tokens), Detokenizer(tokenizer, stop_strings))
+    out = sys.stdout
+    if not args.no_echo:
+        out.write(prompt)
+    if args.stream:
+        for delta in deltas:
+            out.write(delta)
+            out.flush()
+    else:
+        out.write("".join(deltas))
+    out.write("\n")
+    out.flush()
+    seconds = time.perf_counter() - t0
+    print(f"[{device}, {precision}] {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s)",
+          file=sys.stderr)
+    return 0
