@@ -177,6 +177,54 @@ def add_pretrain(sub) -> None:
     p.set_defaults(func=_pretrain)
 
 
+# --------------------------------------------------------------------------------------------- model + weights
+def _model_info(args):
+    from scratchllm.weights.commands import model_info
+
+    return model_info(args)
+
+
+def _download(args):
+    from scratchllm.weights.commands import download
+
+    return download(args)
+
+
+def _export(args):
+    from scratchllm.weights.commands import export
+
+    return export(args)
+
+
+def add_model(sub) -> None:
+    p = sub.add_parser("model", help="inspect model sizes: parameters, FLOPs, memory")
+    msub = p.add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
+    i = msub.add_parser("info", help="parameters, bytes, FLOPs/token, training and inference memory")
+    i.add_argument("--preset", help="a preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, small)")
+    i.add_argument("--model", help="a model folder, run folder or HF GPT-2 folder (reads config.json only)")
+    i.add_argument("--batch", type=int, default=1, help="batch size for the memory estimates (default 1)")
+    i.add_argument("--block", type=int, default=None, help="sequence length (default: the model's block_size)")
+    i.set_defaults(func=_model_info)
+
+
+def add_download(sub) -> None:
+    p = sub.add_parser("download", help="download pretrained weights (OpenAI GPT-2 from the HF hub layout)")
+    p.add_argument("name", choices=["gpt2"], help="what to download")
+    p.add_argument("--size", default="124M", choices=["124M", "355M", "774M", "1558M"], help="GPT-2 size")
+    p.add_argument("--dest", help="target folder (default: $SCRATCHLLM_CACHE/models/<repo>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_download)
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model folder to another format (hf: transformers GPT-2)")
+    p.add_argument("--model", required=True, help="a model folder or run folder (with tokenizer/)")
+    p.add_argument("--format", default="hf", choices=["hf"], help="output format (default hf)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=_export)
+
+
 # --------------------------------------------------------------------------------------------- generate
 def _generate(args):
     from scratchllm.infer.commands import generate
@@ -224,7 +272,7 @@ def add_demo(sub) -> None:
 
 
 # Each entry registers one subcommand (group). Keep them in pipeline order.
-COMMANDS = [add_tokenizer, add_data, add_pretrain, add_generate, add_demo]
+COMMANDS = [add_tokenizer, add_data, add_model, add_download, add_export, add_pretrain, add_generate, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
