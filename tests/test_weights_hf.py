@@ -165,3 +165,22 @@ def test_errors(tmp_path, small_tokenizer):
         load_hf_gpt2(tmp_path / "hf")
     with pytest.raises(ScratchError, match="config.json not found"):
         load_hf_gpt2(tmp_path)
+
+
+def test_export_cli(tmp_path, small_tokenizer, capsys):
+    from scratchllm.cli import main
+    from scratchllm.weights.checkpoint import save_model
+
+    torch.manual_seed(0)
+    ours = GPT(ModelConfig(block_size=16, vocab_size=small_tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    save_model(ours, small_tokenizer, tmp_path / "m")
+    assert main(["export", "--model", str(tmp_path / "m"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, small_tokenizer.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max().item() <= 1e-4
+    assert main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    save_model(GPT(ModelConfig.from_preset("tiny", positions="rope")), None, tmp_path / "llama")
+    assert main(["export", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "hf2")]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
