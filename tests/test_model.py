@@ -227,3 +227,12 @@ def test_dropout_is_active_only_in_training():
     model.eval()
     assert torch.equal(model(idx), model(idx))
     assert F.softmax(model(idx), -1).sum(-1).allclose(torch.ones(1, 16))
+
+
+def test_public_names():
+    import scratchllm
+
+    assert scratchllm.GPT is GPT and scratchllm.ModelConfig is ModelConfig
+    model = scratchllm.GPT(scratchllm.ModelConfig.from_preset("tiny"))
+    assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 4096)
+    assert callable(scratchllm.load_hf_gpt2) and callable(scratchllm.export_hf)

@@ -23,6 +23,13 @@ _PUBLIC = {
     "RandomWindowSampler": "scratchllm.data.loaders",
     "eval_batches": "scratchllm.data.loaders",
     "download": "scratchllm.weights.download",
+    "ModelConfig": "scratchllm.model.config",
+    "GPT": "scratchllm.model.gpt",
+    "KVCache": "scratchllm.model.kv_cache",
+    "load_hf_gpt2": "scratchllm.weights.hf",
+    "export_hf": "scratchllm.weights.hf",
+    "save_model": "scratchllm.weights.checkpoint",
+    "load_model": "scratchllm.weights.checkpoint",
     "Engine": "scratchllm.infer.engine",
 }
 
