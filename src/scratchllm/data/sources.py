@@ -26,7 +26,6 @@ import glob
 import hashlib
 import json
 import re
-import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -283,9 +282,14 @@ def _docstrings(tree: ast.Module) -> list[str]:
     return [d for d in (ast.get_docstring(n, clean=True) for n in nodes) if d and d.strip()]
 
 
+def _stdlib_dir() -> Path:
+    """The standard library's folder: where `ast` itself lives (sysconfig would import a module)."""
+    return Path(ast.__file__).resolve().parent
+
+
 @lru_cache(maxsize=1)
 def _pydocs() -> tuple[str, ...]:
-    stdlib = Path(sysconfig.get_path("stdlib"))
+    stdlib = _stdlib_dir()
     topics_file = stdlib / "pydoc_data" / "topics.py"
     docs: list[str] = []
     if topics_file.is_file():
@@ -313,5 +317,5 @@ def pydocs_documents() -> list[str]:
     is imported; about 2 MB of English on CPython 3.11. The text depends on the Python version."""
     docs = list(_pydocs())
     if not docs:
-        raise ScratchError(f"builtin:pydocs found no documentation under {sysconfig.get_path('stdlib')}")
+        raise ScratchError(f"builtin:pydocs found no documentation under {_stdlib_dir()}")
     return docs
