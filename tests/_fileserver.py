@@ -6,6 +6,7 @@ request, and can misbehave on purpose:
                         n body bytes, then closes the connection (a dropped download)
   corrupt.add(path)     serves the bytes with one byte flipped (a corrupted mirror)
   ignore_range = True   answers 200 with the whole body even when a Range is asked for
+  wrong_range = True    answers a Range request with 206 but the whole body from byte 0
 
     with FileServer({"/a.txt": b"hello"}) as srv:
         urllib.request.urlopen(srv.url + "/a.txt").read()
@@ -23,6 +24,7 @@ class FileServer:
         self.drop_once: dict[str, int] = {}
         self.corrupt: set[str] = set()
         self.ignore_range = False
+        self.wrong_range = False
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         server = self
 
@@ -42,7 +44,7 @@ class FileServer:
                     body = bytes([body[0] ^ 0xFF]) + body[1:]
                 start = 0
                 if rng and not server.ignore_range:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    start = 0 if server.wrong_range else int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(body):
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{len(body)}")

@@ -73,6 +73,23 @@ def test_server_ignoring_range_restarts_from_zero(files, tmp_path):
     assert sha(tmp_path / "v.txt") == VERDICT_SHA
 
 
+def test_complete_part_gets_416_and_restarts(files, tmp_path, shared_data):
+    (tmp_path / "v.txt.part").write_bytes((shared_data / "the-verdict.txt").read_bytes())
+    with FileServer(files) as srv:
+        download(srv.url + "/d/the-verdict.txt", tmp_path / "v.txt", sha256=VERDICT_SHA, progress=False)
+        assert srv.requests == [("/d/the-verdict.txt", "bytes=20479-"), ("/d/the-verdict.txt", None)]
+    assert sha(tmp_path / "v.txt") == VERDICT_SHA
+
+
+def test_a_wrong_content_range_is_not_appended(files, tmp_path):
+    (tmp_path / "v.txt.part").write_bytes(b"0123456789")
+    with FileServer(files) as srv:
+        srv.wrong_range = True
+        with pytest.raises(ScratchError, match="Range: bytes=10- with Content-Range 'bytes 0-20478/20479'"):
+            download(srv.url + "/d/the-verdict.txt", tmp_path / "v.txt", retries=1, progress=False)
+    assert (tmp_path / "v.txt.part").read_bytes() == b"0123456789"
+
+
 def test_corrupted_file_is_refused(files, tmp_path):
     with FileServer(files) as srv:
         srv.corrupt.add("/d/the-verdict.txt")
