@@ -127,7 +127,9 @@ def test_an_id_that_does_not_fit_is_refused_not_truncated(shared_data, tmp_path,
 
 def test_fingerprint_mismatch_and_damaged_folders(shared_data, tmp_path):
     prepare([str(shared_data / "the-verdict.txt")], "gpt2", tmp_path / "s", progress=False)
-    assert open_shards(tmp_path / "s", tokenizer="gpt2").vocab_size == 50257
+    ds = open_shards(tmp_path / "s", tokenizer="gpt2")
+    assert ds.vocab_size == 50257 and all(isinstance(a, np.memmap) for a in ds.train + ds.val)
+    assert (ds.train_tokens, ds.val_tokens, ds.dtype) == (5120, 26, np.uint16)  # tail: round(0.005 * 5146)
     gpt2 = load_tokenizer("gpt2")
     other = Tokenizer(gpt2.mergeable_ranks, PATTERNS["gpt4"], gpt2.special_tokens, name="other")
     with pytest.raises(ScratchError, match="made with tokenizer 'gpt2'.*not with 'other'.*prepare the data again"):
