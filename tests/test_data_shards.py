@@ -160,6 +160,19 @@ def test_ctrl_c_leaves_nothing_behind(corpus, tmp_path, monkeypatch, workers):
     assert list(tmp_path.iterdir()) == []  # no out/, no temp folder
 
 
+def _die(task):
+    import os
+
+    os._exit(1)  # as if the OOM killer struck
+
+
+def test_a_dying_worker_is_an_error_not_a_hang(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards_mod, "_encode_task", _die)
+    with pytest.raises(ScratchError, match="a tokenizer worker process died"):
+        prepare(corpus, "gpt2", tmp_path / "out", workers=2, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["prepare", "--input", str(tmp_path / "missing.txt"), "--tokenizer", "gpt2",
                  "--out", str(tmp_path / "o")]) == 2

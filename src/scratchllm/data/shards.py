@@ -31,6 +31,8 @@ import signal
 import tempfile
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,10 +215,12 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
             for train_ids, val_ids in results:
                 writers["train"].write(train_ids)
                 writers["val"].write(val_ids)
+        except BrokenProcessPool:
+            raise ScratchError(f"a tokenizer worker process died (killed, or out of memory?); nothing was "
+                               f"written to {out_dir}. Try fewer --workers") from None
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            if pool is not None:  # on Ctrl-C or an error: drop queued tasks, let running ones end
+                pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         rule = "documents" if counts["val"] and counts["train"] else "none"
         if writers["val"].tokens == 0 and val_fraction > 0 and writers["train"].tokens >= 2:
@@ -252,25 +256,26 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
     return index
 
 
-def _pool(workers: int, tok, spec: str | None, scratch: Path):
+def _pool(workers: int, tok, spec: str | None, scratch: Path) -> ProcessPoolExecutor:
     """Worker processes holding the tokenizer: forked where possible (they inherit it, nothing is
-    loaded again), else spawned (they load it from `spec`, or from a copy saved in `scratch`)."""
+    loaded again), else spawned (they load it from `spec`, or from a copy saved in `scratch`). A
+    worker that dies makes the pool raise BrokenProcessPool instead of hanging."""
     if "fork" in mp.get_all_start_methods():
-        return mp.get_context("fork").Pool(workers, _init_worker, (tok, True))
-    if spec is None:  # only a path crosses process boundaries
-        spec = str(tok.save(scratch / "tokenizer"))
-    return mp.get_context("spawn").Pool(workers, _init_worker, (spec, True))
+        ctx, arg = mp.get_context("fork"), tok
+    else:
+        ctx, arg = mp.get_context("spawn"), spec or str(tok.save(scratch / "tokenizer"))
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(arg, True))
 
 
-def _ordered(pool, tasks, max_in_flight: int):
-    """pool.imap without reading the whole input ahead: at most `max_in_flight` tasks are queued."""
+def _ordered(pool: ProcessPoolExecutor, tasks, max_in_flight: int):
+    """Results in task order without reading the whole input ahead: at most `max_in_flight` queued."""
     pending: deque = deque()
     for task in tasks:
-        pending.append(pool.apply_async(_encode_task, (task,)))
+        pending.append(pool.submit(_encode_task, task))
         if len(pending) >= max_in_flight:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def report(index: dict, out_dir: str | Path) -> str:
