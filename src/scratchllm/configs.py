@@ -46,7 +46,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
     eval_every: int = 100  # steps between validation passes; 0 = only at the end
-    eval_batches: int = 20  # validation micro-batches per pass
+    eval_batches: int = 20  # validation micro-batches per pass and process
     sample_every: int = 0  # steps between text samples; 0 = never
     sample_prompt: str = "The"  # the fixed prompt of those samples
     sample_tokens: int = 32  # new tokens per sample

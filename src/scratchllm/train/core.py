@@ -181,17 +181,26 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and samples
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss over `cfg.eval_batches` validation batches (every rank sees the same batches)."""
+        """Mean loss over the first `cfg.eval_batches x processes` validation batches: under DDP, rank r
+        takes batches r, r + W, ... and the sums are all-reduced, so the result does not depend on the
+        number of processes (under FSDP every rank runs every batch: its forward is collective)."""
         self.fwd.eval()
         loss_sum = count = 0.0
+        split = self.world > 1 and not self.fsdp
         for i, batch in enumerate(self.val_batches()):
-            if i >= self.cfg.eval_batches:
+            if i >= self.cfg.eval_batches * self.world:
                 break
+            if split and i % self.world != self.rank:
+                continue
             with self.autocast():
                 loss, metrics = self.objective(self.fwd, _to(batch, self.device))
             loss_sum += float(loss)
             count += int(metrics["count"])
         self.fwd.train()
+        if self.fsdp:  # the root stays unsharded after a no-grad forward; the optimizer holds the shards
+            self.model.reshard()
+        if split:
+            loss_sum, count = self._all_sum([loss_sum, count])
         val = loss_sum / max(count, 1)
         return {"loss": val, "ppl": math.exp(min(val, 50.0))}
 
@@ -352,7 +361,9 @@ class Trainer:
         return val
 
     def _sample(self) -> None:
-        text = self.sample_fn(self.model)
+        text = self.sample_fn(self.model)  # every rank runs it: under FSDP the forward is collective
+        if self.fsdp:
+            self.model.reshard()
         print0(f"step {self.step} | sample: {text!r}")
 
     def write_outputs(self) -> None:

@@ -155,6 +155,7 @@ def make_sampler(model_cfg, tokenizer, prompt: str, n_tokens: int, seed: int):
         x = torch.tensor([ids], device=device)
         for _ in range(n_tokens):
             logits = model(x[:, -model_cfg.block_size:])[:, -1, :].float() / 0.8  # (1, V)
+            logits[:, tokenizer.vocab_size:] = -float("inf")  # padding rows of a rounded-up vocab
             v, _ = torch.topk(logits, min(40, logits.size(-1)))
             logits[logits < v[:, [-1]]] = -float("inf")
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)  # (1, 1)
@@ -180,7 +181,7 @@ def run(args) -> int:
         check_out_dir(out, getattr(args, "resume", None), getattr(args, "overwrite", False))
     if dist.is_initialized():
         dist.barrier()
-    seed_everything(tc.seed + rank)
+    seed_everything(tc.seed)  # the same initial weights on every rank (FSDP shards them as they are)
 
     model, tokenizer = load_start_model(cfg.model, cfg.block_size) if cfg.model else (None, None)
     if cfg.tokenizer:
@@ -189,6 +190,8 @@ def run(args) -> int:
         raise ScratchError("no tokenizer: pass --tokenizer (a folder or `gpt2`), or a --model folder holding one")
     shards = load_data(cfg, out, tokenizer)
     model = model or preset_model(cfg, shards.vocab_size)
+    if world > 1:
+        torch.manual_seed(tc.seed + rank)  # but different dropout masks per rank
     mcfg = model.config
     if shards.vocab_size > mcfg.vocab_size:
         raise ScratchError(f"the shards' vocab_size {shards.vocab_size} is larger than the model's "
@@ -223,7 +226,7 @@ def run(args) -> int:
                             f"({tc.batch_size} x {block} x {tc.grad_accum} accum x {world} processes)"}
     trainer = Trainer(
         model, tc, next_token_objective, sampler, out_dir=out,
-        val_batches=lambda: eval_batches(shards.val, block, tc.batch_size, max_batches=tc.eval_batches),
+        val_batches=lambda: eval_batches(shards.val, block, tc.batch_size, max_batches=tc.eval_batches * world),
         sample_fn=make_sampler(mcfg, tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed),
         write_model=write_model, flops_per_token=gpt_train_flops_per_token(mcfg), peak_flops=peak,
         info=info, fsdp=cfg.fsdp)
