@@ -104,3 +104,14 @@ def test_unknown_names_fail_before_any_download(capsys):
     assert main(["data", "get", "the-verdict", "the-verdikt"]) == 2
     err = capsys.readouterr().err
     assert "unknown dataset 'the-verdikt'" in err and "tinyshakespeare" in err
+
+
+def test_registered_names_are_prepare_inputs(shared_data, monkeypatch, tmp_path):
+    from scratchllm.data.sources import iter_documents
+
+    monkeypatch.setenv("SCRATCHLLM_MIRROR", str(shared_data))
+    [doc] = iter_documents(["data:the-verdict"])
+    assert doc.text == (shared_data / "the-verdict.txt").read_text()
+    assert doc.source == str(tmp_path / "cache" / "datasets" / "the-verdict.txt")
+    with pytest.raises(ScratchError, match="unknown dataset 'nope'"):
+        list(iter_documents(["data:nope"]))

@@ -103,7 +103,7 @@ def _data_get(args):
 def add_data(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize text into train/val token shards (parallel, resumable reads)")
     p.add_argument("--input", nargs="+", required=True, metavar="SRC",
-                   help="files, folders, globs, .jsonl, .parquet, builtin:pydocs or hf:NAME[:SPLIT]")
+                   help="files, folders, globs, .jsonl, .parquet, builtin:pydocs, data:NAME or hf:NAME[:SPLIT]")
     p.add_argument("--tokenizer", required=True, help="a tokenizer folder or `gpt2`")
     p.add_argument("--out", required=True, help="output shard folder (must not exist unless --overwrite)")
     p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents for validation")

@@ -8,6 +8,7 @@ Inputs (mixed freely; `iter_documents` takes a list):
   a glob           "corpus/**/*.txt" (quote it in the shell); matching nothing is an error
   builtin:pydocs   Python's own documentation: `pydoc_data.topics` and the standard library's
                    docstrings, read with `ast` (nothing is imported or executed), deterministic order
+  data:NAME        a dataset of `scratchllm data list`, downloaded (and verified) into the cache first
   hf:NAME[:SPLIT]  a Hugging Face dataset (needs `datasets`): a folder written by `save_to_disk`, or a
                    hub name streamed with `load_dataset(..., streaming=True)`; SPLIT defaults to train
 
@@ -189,7 +190,11 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         raise ScratchError("no --input given")
     out: list[str] = []
     for spec in inputs:
-        if spec.startswith(("builtin:", "hf:")):
+        if spec.startswith("data:"):  # a registered dataset: fetched (verified) into the cache first
+            from scratchllm.data.registry import get
+
+            out.append(str(get(spec.removeprefix("data:"))))
+        elif spec.startswith(("builtin:", "hf:")):
             if spec.startswith("builtin:") and spec != "builtin:pydocs":
                 raise ScratchError(f"unknown built-in corpus {spec!r}; the built-in corpus is builtin:pydocs")
             out.append(spec)
@@ -207,8 +212,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 raise ScratchError(f"the pattern {spec!r} matches no files")
             out.extend(files)
         else:
-            raise ScratchError(f"input {spec} does not exist (expected a file, folder, glob, builtin:pydocs "
-                               "or hf:NAME)")
+            raise ScratchError(f"input {spec} does not exist (expected a file, folder, glob, builtin:pydocs, "
+                               "data:NAME or hf:NAME)")
     return out
 
 
