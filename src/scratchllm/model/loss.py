@@ -51,7 +51,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.mul_((keep.float() * scale)[:, None])  # ignored rows contribute nothing
                 g = probs.to(dtype)  # (n, V) d loss / d logits
                 grad_x[rows] = (g @ wc).to(x.dtype)  # (n, C)
-                grad_w += g.T @ xc[rows]  # (V, C)
+                if dtype == torch.float32:
+                    grad_w.addmm_(g.T, xc[rows])  # (V, C), accumulated in place
+                else:
+                    grad_w += g.T @ xc[rows]  # (V, C): bf16 product, fp32 sum over chunks
         if need_grad:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         if reduction == "mean":
