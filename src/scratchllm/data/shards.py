@@ -194,8 +194,9 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
     if spec is not None and spec != "gpt2":
         spec = str(Path(spec).resolve())
     dtype = token_dtype(tok.vocab_size)
-    files = [p for p in expand_inputs(inputs) if Path(p).is_file()]  # fails early on a bad input
-    approx_chars = sum(Path(p).stat().st_size for p in files) or None
+    files = expand_inputs(inputs)  # fails early on a bad input
+    sized = all(Path(p).is_file() for p in files)  # builtin:/hf: inputs have no size: no ETA then
+    approx_chars = sum(Path(p).stat().st_size for p in files) if sized else None
     stats = SourceStats()
     counts = {"train": 0, "val": 0}
     bar = Progress(approx_chars, unit="chars", desc="prepare", enabled=progress)
