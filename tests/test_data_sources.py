@@ -62,6 +62,11 @@ def test_undecodable_bytes_name_file_and_offset(tmp_path):
     with pytest.raises(ScratchError, match=r"bad.txt: bytes at offset 9 are not valid UTF-8.*--errors replace"):
         texts([bad])
     assert texts([bad], errors="replace") == ["café ok \ufffd\ufffd rest"]
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfHello \xff")
+    with pytest.raises(ScratchError, match=r"bom.txt: bytes at offset 9 "):
+        texts([bom])
+    assert texts([bom], errors="replace") == ["Hello \ufffd"]
     jl = tmp_path / "bad.jsonl"
     jl.write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
     with pytest.raises(ScratchError, match=r"bad.jsonl:2: bytes at offset 27 "):

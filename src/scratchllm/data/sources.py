@@ -94,14 +94,14 @@ def _read_text(path: Path, errors: str, stats: SourceStats) -> Iterator[tuple[st
     if not data.strip():
         stats.empty_files += 1
         return
-    text = _decode(data, str(path), errors)
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark is not text
+    text = _decode(data[bom:], str(path), errors, offset=bom)
     parts = text.split(EOT)
     if len(parts) == 1:
         yield text, str(path)
         return
     for i, part in enumerate(parts):  # the separator's own line breaks belong to neither document
         yield part.strip("\r\n"), f"{path}#{i}"
-
 
 
 def _read_jsonl(path: Path, text_field: str, errors: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
