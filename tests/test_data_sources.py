@@ -75,7 +75,7 @@ def test_undecodable_bytes_name_file_and_offset(tmp_path):
 
 def test_jsonl_fields_and_line_numbered_errors(tmp_path):
     f = tmp_path / "d.jsonl"
-    f.write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n')
+    f.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n\n{"text": "second", "id": 2}\n')  # with a BOM
     assert texts([f]) == ["first", "second"]
     g = tmp_path / "g.jsonl"
     g.write_text('{"body": "x"}\n')

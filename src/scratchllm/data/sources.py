@@ -110,7 +110,8 @@ def _read_jsonl(path: Path, text_field: str, errors: str, stats: SourceStats) ->
         for lineno, raw in enumerate(f, start=1):
             h.update(raw)
             where = f"{path}:{lineno}"
-            line = _decode(raw, where, errors, offset)
+            bom = 3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
+            line = _decode(raw[bom:], where, errors, offset + bom)
             offset += len(raw)
             if not line.strip():
                 continue
