@@ -104,10 +104,11 @@ def test_export_loads_in_transformers_with_equal_logits_and_ids(tmp_path, patter
         assert torch.equal(model2(idx), ours(idx))
 
 
-def test_export_untied_head(tmp_path, small_tokenizer):
+@pytest.mark.parametrize("switches", [{"tie_embeddings": False}, {"bias": False}], ids=["untied", "nobias"])
+def test_export_untied_head_and_bias_free(tmp_path, small_tokenizer, switches):
     torch.manual_seed(0)
     ours = GPT(ModelConfig(block_size=16, vocab_size=small_tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16,
-                           tie_embeddings=False)).eval()
+                           **switches)).eval()
     perturb_(ours)
     export_hf(ours, small_tokenizer, tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()

@@ -58,11 +58,11 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, eot: int | None = None) -> dict:
     """transformers GPT2Config fields for a GPT-2-architecture ModelConfig."""
-    if not cfg.is_gpt2 or not cfg.bias:
+    if not cfg.is_gpt2:
         switches = dict(norm=cfg.norm, positions=cfg.positions, mlp=cfg.mlp, n_kv_head=cfg.n_kv_head,
-                        mlp_hidden=cfg.mlp_hidden, bias=cfg.bias)
+                        mlp_hidden=cfg.mlp_hidden)
         raise ScratchError(f"this model cannot be exported to GPT-2 format: GPT-2 needs layernorm, learned "
-                           f"positions, gelu, n_kv_head = n_head, a 4x MLP and bias=true; it has {switches}")
+                           f"positions, gelu, n_kv_head = n_head and a 4x MLP; it has {switches}")
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
@@ -87,13 +87,17 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights in HF GPT2LMHeadModel layout (Conv1D (in, out)); the tied head is left out."""
+    """Our weights in HF GPT2LMHeadModel layout (Conv1D (in, out), zero biases when the model has
+    none); the tied head is left out."""
     out = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
         t = t.detach().to("cpu", torch.float32)
         out[name] = t.t().contiguous() if name.endswith(CONV1D) else t.contiguous()
+        if not model.config.bias and name.endswith(CONV1D + (".ln_1.weight", ".ln_2.weight", "ln_f.weight")):
+            # GPT-2 always has biases: a bias-free model is the same model with zero biases
+            out[name.removesuffix("weight") + "bias"] = torch.zeros(out[name].shape[-1])
     return out
 
 
