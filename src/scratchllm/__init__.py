@@ -31,6 +31,9 @@ _PUBLIC = {
     "save_model": "scratchllm.weights.checkpoint",
     "load_model": "scratchllm.weights.checkpoint",
     "Engine": "scratchllm.infer.engine",
+    "Trainer": "scratchllm.train.core",
+    "TrainConfig": "scratchllm.configs",
+    "PretrainConfig": "scratchllm.configs",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
