@@ -310,3 +310,36 @@ def test_unescape_stop_strings():
     from scratchllm.infer.commands import unescape
 
     assert unescape("a\\n\\tb é 🙂\\\\") == "a\n\tb é 🙂\\"
+
+
+# ------------------------------------------------------------------ packed CPU weights
+def test_packed_copy_gives_the_same_logits_and_leaves_the_model_alone(models):
+    from scratchllm.infer.packed import PackedLinear, can_pack, packed_copy
+
+    model = models["llama-gqa"]
+    assert can_pack(model)
+    params_before = {k: v for k, v in model.named_parameters()}
+    fast = packed_copy(model)
+    assert all(type(m) is not PackedLinear for m in model.modules())  # original untouched
+    # per layer: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; plus the lm_head
+    assert sum(type(m) is PackedLinear for m in fast.modules()) == 4 * 4 + 1
+    assert {k: v for k, v in model.named_parameters()} == params_before
+    idx = torch.tensor([prompt_of(10)])
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(idx), model(idx), atol=1e-5, rtol=1e-5)
+        bf = GPT(model.config).to(torch.bfloat16).eval()
+        torch.testing.assert_close(packed_copy(bf)(idx).float(), bf(idx).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_packed_and_unpacked_engines_agree(models):
+    model = models["gpt2-sdpa"]
+    prompt = prompt_of(8)
+    assert list(Engine(model, pack=True).generate(prompt, 15, temperature=0)) == \
+        list(Engine(model, pack=False).generate(prompt, 15, temperature=0))
+
+
+def test_pack_refused_where_unsupported():
+    model = GPT(ModelConfig.from_preset("tiny", block_size=16, vocab_size=64)).to(torch.float64)
+    with pytest.raises(ScratchError, match="pack=True needs a CPU model in fp32 or bf16"):
+        Engine(model, pack=True)
+    assert list(Engine(model).generate([1, 2], 3, temperature=0)) == naive_generate(model, [1, 2], 3)

@@ -28,6 +28,7 @@ import torch
 
 from scratchllm.common import ScratchError
 from scratchllm.infer.detok import Detokenizer
+from scratchllm.infer.packed import can_pack, packed_copy
 from scratchllm.infer.sampling import SamplingParams, make_generator, sample
 from scratchllm.model.kv_cache import KVCache
 
@@ -67,7 +68,10 @@ def text_deltas(tokens: Iterable[int], detok: Detokenizer) -> Iterator[str]:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, pack: bool | None = None):
+        """pack: run a copy of the model with oneDNN-packed Linear weights (see packed.py); None = do so
+        where it is supported (CPU, fp32/bf16). The copy snapshots the weights: make a new Engine
+        after changing the model."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -76,6 +80,10 @@ class Engine:
                                f"{self.config.vocab_size} (vocab_size): they do not belong together")
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        if pack and not can_pack(model):
+            raise ScratchError(f"pack=True needs a CPU model in fp32 or bf16 with oneDNN support; this one is "
+                               f"{self.dtype} on {self.device}")
+        self.runner = packed_copy(self.model) if (can_pack(model) if pack is None else pack) else self.model
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -161,8 +169,8 @@ class Engine:
             for b, n in enumerate(lens):
                 seen[b, idx[b, T - n:]] = True
         gen = make_generator(seed, self.device)
-        hidden = self.model.hidden_states(idx, kv_cache=cache)  # (B, T, n_embd)
-        logits = self.model.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
+        hidden = self.runner.hidden_states(idx, kv_cache=cache)  # (B, T, n_embd)
+        logits = self.runner.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
 
         done = [False] * B
         for step in range(steps):
@@ -183,7 +191,7 @@ class Engine:
                 break
             if seen is not None:
                 seen.scatter_(1, next_ids[:, None], True)
-            logits = self.model(next_ids[:, None], kv_cache=cache)[:, -1]  # (B, 1, V) -> (B, V)
+            logits = self.runner(next_ids[:, None], kv_cache=cache)[:, -1]  # (B, 1, V) -> (B, V)
         if steps < max_new_tokens:
             self._warn_block_size(steps)
 

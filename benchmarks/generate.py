@@ -1,0 +1,111 @@
+"""Decode throughput: our Engine against transformers' GPT2LMHeadModel.generate, in the same run.
+
+What it measures: batch 1, GPT-2 124M shape with random weights (the same weights in both models),
+a 32-token prompt, greedy decoding of 200 new tokens, in fp32 and bf16. The decode time per token is
+(time for 200 new tokens - time for 1 new token) / 199, so the prefill is left out; each setting is
+timed `--repeats` times and the best run counts (the machine is shared). Both sides use their KV cache.
+It also checks that both produce the same tokens in fp32 (they run the same weights).
+What it does not do: measure quality, or prefill speed for long prompts.
+
+    python benchmarks/generate.py            # full run (a few minutes on 2 CPU cores)
+    python benchmarks/generate.py --quick    # smoke run: tiny shapes, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from scratchllm.infer.engine import Engine
+from scratchllm.model import GPT, ModelConfig
+from scratchllm.weights.hf import config_to_hf, state_dict_to_hf
+
+
+def hf_model(ours: GPT):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(ours.config)))
+    missing, unexpected = hf.load_state_dict(state_dict_to_hf(ours), strict=False)
+    assert not unexpected and all("lm_head" in k or k.endswith("attn.bias") for k in missing), (missing, unexpected)
+    hf.tie_weights()
+    return hf.eval()
+
+
+def run_ours(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    return list(engine.generate(prompt, n, temperature=0))
+
+
+def run_hf(model, prompt: list[int], n: int) -> list[int]:
+    idx = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, use_cache=True, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def ms_per_token(run, model, prompt, n, repeats) -> float:
+    run(model, prompt, 2)  # warm-up
+    t_n = best_time(lambda: run(model, prompt, n), repeats)
+    t_1 = best_time(lambda: run(model, prompt, 1), repeats)
+    return (t_n - t_1) / (n - 1) * 1e3
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model and few tokens: a smoke run")
+    ap.add_argument("--new-tokens", type=int, default=200)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the best counts")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    args = ap.parse_args(argv)
+    preset, n, repeats = ("tiny", 20, 1) if args.quick else ("gpt2", args.new_tokens, args.repeats)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset(preset)).eval()
+    hf = hf_model(model)
+    prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,)).tolist()
+    print(f"model {preset} ({model.num_params() / 1e6:.1f}M params), prompt {len(prompt)} tokens, {n} new tokens, "
+          f"greedy, batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
+
+    same = run_ours(Engine(model), prompt, n) == run_hf(hf, prompt, n)
+    print(f"fp32 tokens identical to transformers: {same}")
+    results = {}
+    for name in args.dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        model, hf = model.to(dtype), hf.to(dtype)
+        settings = {"ours": Engine(model), "ours-unpacked": Engine(model, pack=False), "transformers": hf}
+        for who, target in settings.items():
+            run = run_hf if who == "transformers" else run_ours
+            results[(who, name)] = ms_per_token(run, target, prompt, n, repeats)
+        hf_ms = results[("transformers", name)]
+        print(f"{name}: " + "   ".join(f"{who} {results[(who, name)]:7.2f} ms/token" for who in settings)
+              + f"   speedup {hf_ms / results[('ours', name)]:.2f}x")
+    best_hf = min(v for (who, _), v in results.items() if who == "transformers")
+    best_ours = min(v for (who, _), v in results.items() if who == "ours")
+    print(f"best: ours {best_ours:.2f} ms/token ({1e3 / best_ours:.1f} tok/s), transformers {best_hf:.2f} ms/token "
+          f"({1e3 / best_hf:.1f} tok/s): {best_hf / best_ours:.2f}x (target >= 2x)")
+    if not args.quick and "bf16" in args.dtypes:
+        print(f"bf16 physical floor ~10 ms/token (weights / memory bandwidth): ours is "
+              f"{results[('ours', 'bf16')] / 10:.2f}x the floor")
+    if not same:
+        raise SystemExit("error: our greedy tokens differ from transformers' in fp32")
+
+
+if __name__ == "__main__":
+    main()
