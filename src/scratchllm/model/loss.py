@@ -52,7 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = probs.to(dtype)  # (n, V) d loss / d logits
                 grad_x[rows] = (g @ wc).to(x.dtype)  # (n, C)
                 if dtype == torch.float32:
-                    grad_w.addmm_(g.T, xc[rows])  # (V, C), accumulated in place
+                    torch.addmm(grad_w, g.T, xc[rows], out=grad_w)  # (V, C), accumulated in place
                 else:
                     grad_w += g.T @ xc[rows]  # (V, C): bf16 product, fp32 sum over chunks
         if need_grad:

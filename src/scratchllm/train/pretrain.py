@@ -239,6 +239,9 @@ def run(args) -> int:
                f"{trainer.precision} on {trainer.device}; run folder {out}")
     summary = trainer.fit()
     if dist.is_initialized():
+        # every rank tears gloo down together: a rank that exits while another is still writing
+        # outputs can abort in gloo's worker threads ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     if summary["interrupted"]:
         return 130
