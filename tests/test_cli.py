@@ -69,6 +69,16 @@ def test_tokenizer_train_bad_input(tmp_path, capsys):
     assert main(["tokenizer", "train", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300",
                  "--out", str(tmp_path / "o2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # an existing --out is refused before any training (here: before the missing input is even looked at)
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "o already exists" in capsys.readouterr().err
+    # encode and stats take --errors too
+    assert main(["tokenizer", "encode", "--tokenizer", "gpt2", "--file", str(bad)]) == 2
+    assert "bad.txt: invalid UTF-8 at byte offset 9" in capsys.readouterr().err
+    assert main(["tokenizer", "encode", "--tokenizer", "gpt2", "--file", str(bad), "--errors", "replace"]) == 0
+    assert main(["tokenizer", "stats", "--tokenizer", "gpt2", "--file", str(bad), "--errors", "replace"]) == 0
+    assert "tokens/word" in capsys.readouterr().out
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert main(["tokenizer", "train", "--input", str(empty), "--vocab-size", "300", "--out", str(tmp_path / "o3")]) == 2

@@ -30,7 +30,7 @@ def trained_gpt4(shared_data):
 
 @pytest.fixture(scope="module")
 def gpt2(shared_data):
-    return from_gpt2_files(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
+    return Tokenizer.from_gpt2_files(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
 
 
 @settings(max_examples=150, deadline=None)
@@ -52,12 +52,22 @@ def test_hard_cases(trained, gpt2, gpt2_tiktoken, text):
 
 
 def shared_text_files(root):
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in {".txt", ".json", ".tsv", ".md", ".bpe"})
+    """Every file of the shared data that is text (decodes as UTF-8), whatever its name."""
+    files = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            try:
+                p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            files.append(p)
+    return files
 
 
 def test_gpt2_ids_equal_tiktoken_on_all_shared_data(shared_data, gpt2, gpt2_tiktoken):
     files = shared_text_files(shared_data)
-    assert len(files) >= 15
+    names = {p.name for p in files}
+    assert len(files) >= 20 and {"r50k_base.tiktoken", "SHA256SUMS", "vocab.bpe", "the-verdict.txt"} <= names
     for path in files:
         text = path.read_bytes().decode("utf-8", errors="replace")
         assert gpt2.encode(text, disallowed_special=()) == gpt2_tiktoken.encode(text, disallowed_special=()), path
@@ -169,4 +179,60 @@ def test_gpt2_files_mismatch(shared_data, tmp_path):
     merges[1], merges[2] = merges[2], merges[1]
     (tmp_path / "vocab.bpe").write_text("\n".join(merges))
     with pytest.raises(ScratchError, match="do not belong together"):
+        from_gpt2_files(shared_data / "gpt2" / "encoder.json", tmp_path / "vocab.bpe")
+
+
+def test_failed_save_leaves_nothing(trained, tmp_path, monkeypatch):
+    def broken(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Tokenizer, "_vocab_text", broken)
+    with pytest.raises(OSError, match="disk full"):
+        trained.save(tmp_path / "tok")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temp folder
+
+
+def test_edited_ranks_with_a_matching_checksum_name_the_line(trained, tmp_path):
+    import hashlib
+
+    d = trained.save(tmp_path / "tok")
+    ranks = (d / "ranks.tiktoken").read_bytes().replace(b" 300\n", b" 3x0\n")
+    (d / "ranks.tiktoken").write_bytes(ranks)
+    meta = json.loads((d / "tokenizer.json").read_text())
+    meta["ranks_sha256"] = hashlib.sha256(ranks).hexdigest()
+    (d / "tokenizer.json").write_text(json.dumps(meta))
+    with pytest.raises(ScratchError, match="ranks.tiktoken:301: not a `base64 rank` line"):
+        Tokenizer.load(d)
+
+
+def test_truncated_or_gapped_tiktoken_files(shared_data, tmp_path):
+    lines = (shared_data / "gpt2" / "r50k_base.tiktoken").read_bytes().splitlines(keepends=True)
+    cut = tmp_path / "r50k_base.tiktoken"
+    cut.write_bytes(b"".join(lines[:1000]))  # a valid prefix: only the known checksum can tell
+    with pytest.raises(ScratchError, match="sha256 differs"):
+        from_tiktoken_file(cut)
+    gapped = tmp_path / "mine.tiktoken"
+    gapped.write_bytes(b"".join(lines[:256] + lines[300:301]))  # ranks 0..255, then 299
+    with pytest.raises(ScratchError, match="rank 256 is missing"):
+        from_tiktoken_file(gapped)
+
+
+def test_bad_constructor_inputs(trained):
+    ranks = trained.mergeable_ranks
+    for name in ("gpt5", "[a-z]+"):  # an unknown name would be taken as a regex that drops text
+        with pytest.raises(ScratchError, match="does not cover every character"):
+            Tokenizer(ranks, name)
+    with pytest.raises(ScratchError, match="unknown pattern 'gpt5'"):
+        train_bpe(["some text"], vocab_size=300, pattern="gpt5")
+    with pytest.raises(ScratchError, match="must be integers"):
+        Tokenizer(ranks, "gpt2", {"<|endoftext|>": "600"})
+    with pytest.raises(ScratchError, match="a list of texts, not one string"):
+        train_bpe("some text", vocab_size=300)
+
+
+def test_vocab_bpe_outside_the_byte_alphabet(shared_data, tmp_path):
+    merges = (shared_data / "gpt2" / "vocab.bpe").read_text().splitlines()
+    merges[1] = "\u4e00 x"
+    (tmp_path / "vocab.bpe").write_text("\n".join(merges))
+    with pytest.raises(ScratchError, match="merge 1 .* outside GPT-2's byte alphabet"):
         from_gpt2_files(shared_data / "gpt2" / "encoder.json", tmp_path / "vocab.bpe")

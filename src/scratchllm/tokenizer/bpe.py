@@ -190,6 +190,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
 
     from scratchllm.tokenizer.tokenizer import Tokenizer, check_special_tokens
 
+    if isinstance(texts, str | bytes):
+        raise ScratchError("train_bpe takes a list of texts, not one string: train_bpe([text], ...)")
     specials = check_special_tokens(special_tokens)
     pattern_name, pattern_re = resolve_pattern(pattern)
     num_merges = vocab_size - 256 - len(specials)

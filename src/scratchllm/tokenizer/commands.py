@@ -51,6 +51,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def train(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # say so before training, not after
+        raise ScratchError(f"{out} already exists: choose another --out or pass --overwrite")
     paths = expand_inputs(args.input)
     texts = [read_text_file(p, args.errors) for p in paths]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -75,7 +78,7 @@ def _encode_cli(tok: Tokenizer, text: str, allow: bool) -> list[int]:
 
 def encode(args) -> int:
     tok = load_tokenizer(args.tokenizer)
-    text = read_text_file(Path(args.file)) if args.file else args.text
+    text = read_text_file(Path(args.file), args.errors) if args.file else args.text
     ids = _encode_cli(tok, text, args.allow_special)
     if args.pieces:
         for i in ids:
@@ -102,7 +105,7 @@ def measure(tok: Tokenizer, text: str) -> dict:
 
 def stats(args) -> int:
     tok = load_tokenizer(args.tokenizer)
-    text = "\n".join(read_text_file(Path(f)) for f in args.file)
+    text = "\n".join(read_text_file(Path(f), args.errors) for f in args.file)
     rows = [(f"{tok.name} ({tok.vocab_size})", measure(tok, text))]
     if str(args.tokenizer) != "gpt2":
         try:

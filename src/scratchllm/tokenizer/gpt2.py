@@ -13,6 +13,7 @@ bytes; the rank of a token is its id. The merges in `vocab.bpe` are checked agai
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -78,7 +79,11 @@ def from_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenize
         parts = line.split()
         if len(parts) != 2:
             raise ScratchError(f"{vocab_bpe}: merge {i + 1} is not two tokens: {line!r}")
-        merged = bytes(byte_of[ch] for ch in parts[0] + parts[1])
+        try:
+            merged = bytes(byte_of[ch] for ch in parts[0] + parts[1])
+        except KeyError:
+            raise ScratchError(f"{vocab_bpe}: merge {i + 1} ({line!r}) uses a character outside GPT-2's byte "
+                               "alphabet (is this really a GPT-2 vocab.bpe?)") from None
         if ranks.get(merged) != 256 + i:
             raise ScratchError(f"{vocab_bpe}: merge {i + 1} ({line!r}) does not match {encoder_json.name} "
                                f"(expected rank {256 + i}, found {ranks.get(merged)}); the files do not belong together")
@@ -91,6 +96,10 @@ def from_tiktoken_file(path: str | Path, pattern: str = "gpt2", special_tokens: 
                        name: str | None = None) -> Tokenizer:
     """Build a tokenizer from a `.tiktoken` ranks file. Defaults fit GPT-2's `r50k_base.tiktoken`."""
     ranks = read_ranks_file(path)
+    if Path(path).name == "r50k_base.tiktoken":  # GPT-2's published file: a truncated copy is caught here
+        if hashlib.sha256(Path(path).read_bytes()).hexdigest() != R50K_SHA256:
+            raise ScratchError(f"{path} is not OpenAI's r50k_base.tiktoken: its sha256 differs from "
+                               f"{R50K_SHA256} (truncated or edited?)")
     if special_tokens is None:
         special_tokens = {EOT: max(ranks.values()) + 1}
     return Tokenizer(ranks, pattern, special_tokens, name=name or Path(path).stem)

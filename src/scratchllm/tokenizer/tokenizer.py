@@ -33,6 +33,9 @@ from scratchllm.tokenizer.bpe import PATTERNS, bpe_encode_reference
 
 FORMAT_VERSION = 1
 EOT = "<|endoftext|>"
+# a split pattern must give back every character of this text (letters, digits, punctuation, spaces,
+# newlines, tabs, CJK, emoji, combining marks, a contraction)
+_PATTERN_PROBE = "Hello, world! It's 42.\n\n  \tdéjà vu 東京 🙂 e\u0301 x=y; \r\n end  "
 
 
 def check_special_tokens(specials: Iterable[str]) -> list[str]:
@@ -86,15 +89,25 @@ class Tokenizer:
         if len(set(ids)) != len(ids):
             raise ScratchError("two tokens share one rank in the ranks table")
         check_special_tokens(self.special_tokens)
+        if sorted(ids) != list(range(len(ids))):
+            gap = next(i for i, r in enumerate(sorted(ids)) if i != r)
+            raise ScratchError(f"the ranks are not 0..{len(ids) - 1}: rank {gap} is missing (a damaged or "
+                               "edited ranks table)")
+        bad = {k: v for k, v in self.special_tokens.items() if not isinstance(v, int) or isinstance(v, bool)}
+        if bad:
+            raise ScratchError(f"special token ids must be integers, got {bad}")
         clash = set(self.special_tokens.values()) & set(ids)
         if clash:
             raise ScratchError(f"special token ids {sorted(clash)[:5]} collide with regular token ids")
         if len(set(self.special_tokens.values())) != len(self.special_tokens):
             raise ScratchError("two special tokens share one id")
         try:
-            regex.compile(self.pattern)
+            compiled = regex.compile(self.pattern)
         except regex.error as e:
             raise ScratchError(f"invalid split pattern {self.pattern!r}: {e}") from None
+        if "".join(compiled.findall(_PATTERN_PROBE)) != _PATTERN_PROBE:  # text it skips would be lost
+            raise ScratchError(f"split pattern {self.pattern!r} does not cover every character of a text (it is "
+                               f"neither a pattern name, {', '.join(PATTERNS)}, nor a complete split regex)")
 
     def _build(self) -> None:
         self._enc = tiktoken.Encoding(name=self.name, pat_str=self.pattern,
