@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from pretrain_helpers import SMALL_TOML, make_inputs, pretrain
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from scratchllm.common import ScratchError
 
@@ -71,12 +71,22 @@ def test_outputs_and_resume_from_a_checkpoint_is_exact(inputs, tmp_path):
     # trained again (max_steps is part of the LR schedule, so the run keeps its 8) and must match
     assert pretrain(*base_args(inputs, part)) == 0
     (part / "metrics.jsonl").write_text((part / "metrics.jsonl").read_text().replace('"loss": ', '"loss": 1'))
+    stale = part / "step_0000008" / "model.safetensors"  # the rewound run must write step 8 anew
+    save_file({k: torch.zeros_like(v) for k, v in load_file(str(stale)).items()}, str(stale))
     assert pretrain("--resume", str(part / "step_0000004")) == 0
     for k, v in weights(full).items():
         assert torch.equal(v, weights(part)[k]), k
     strip = lambda rs: [(r["step"], r["loss"], r.get("grad_norm")) for r in rs]  # noqa: E731
     assert strip(records(full)[4:]) == strip(records(part)[4:])  # re-logged after the resume point
     assert strip(records(full, "val")[-1:]) == strip(records(part, "val")[-1:])
+
+
+def test_samples_during_training(inputs, tmp_path, capsys):
+    assert pretrain(*base_args(inputs, tmp_path / "run", steps=4), "--sample-every", "2", "--sample-tokens", "5",
+                    "--sample-prompt", "the") == 0
+    samples = [ln for ln in capsys.readouterr().out.splitlines() if "| sample: " in ln]
+    assert [ln.split(" |")[0] for ln in samples] == ["step 2", "step 4"]
+    assert all(ln.split("| sample: ")[1].startswith("'the") for ln in samples)
 
 
 def test_continue_from_a_model_folder(inputs, tmp_path):
@@ -114,3 +124,6 @@ def test_bad_inputs_get_clear_errors(inputs, tmp_path):
     with pytest.raises(ScratchError, match="made with tokenizer 'bytes'.*prepare the data again"):
         pretrain("--data", str(inputs["shards"]), "--tokenizer", str(tmp_path / "other_tok"), "--config",
                  str(inputs["config"]), "--out", str(tmp_path / "e"))
+    with pytest.raises(ScratchError, match="is not the tokenizer of --model .*drop --tokenizer"):
+        pretrain("--data", str(inputs["shards"]), "--model", str(run), "--tokenizer", str(tmp_path / "other_tok"),
+                 "--out", str(tmp_path / "f"))

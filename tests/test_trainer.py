@@ -90,6 +90,33 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     assert not t.train_step()["skipped"] and t.bad_steps == 0
 
 
+class InfGrad(torch.autograd.Function):
+    """Identity forward (a finite loss), infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def test_finite_loss_with_non_finite_gradient_is_skipped(tmp_path):
+    t = trainer(tmp_path)
+
+    def objective(model, batch):
+        loss, m = next_token_objective(model, batch)
+        return InfGrad.apply(loss), m
+
+    t.objective = objective
+    before = [p.detach().clone() for p in t.model.parameters()]
+    r = t.train_step()
+    assert math.isfinite(r["loss"]) and not math.isfinite(r["grad_norm"])
+    assert r["skipped"] and t.skipped_steps == 1 and t.bad_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
 def test_non_finite_steps_in_a_row_abort_and_keep_the_checkpoint(tmp_path):
     t = trainer(tmp_path, max_steps=20, checkpoint_every=2, max_bad_steps=3)
     t.objective = nan_on({5, 6, 7})

@@ -68,6 +68,8 @@ def add_tokenizer(sub) -> None:
     src.add_argument("--file", help="encode this file instead")
     e.add_argument("--pieces", action="store_true", help="show each token's text instead of bare ids")
     e.add_argument("--allow-special", action="store_true", help="encode special tokens found in the text")
+    e.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="bytes of --file that are not UTF-8: stop and name the offset, or replace them")
     e.set_defaults(func=_tok_encode)
 
     d = tsub.add_parser("decode", help="print the text of token ids")
@@ -78,6 +80,8 @@ def add_tokenizer(sub) -> None:
     s = tsub.add_parser("stats", help="bytes per token and tokens per word on a file (vs GPT-2)")
     s.add_argument("--tokenizer", required=True, help=tok_help)
     s.add_argument("--file", required=True, nargs="+", help="text file(s) to measure")
+    s.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="bytes that are not UTF-8: stop and name the file and offset, or replace them")
     s.set_defaults(func=_tok_stats)
 
 
@@ -101,7 +105,7 @@ def _data_get(args):
 
 
 def add_data(sub) -> None:
-    p = sub.add_parser("prepare", help="tokenize text into train/val token shards (parallel, resumable reads)")
+    p = sub.add_parser("prepare", help="tokenize text into train/val token shards (parallel tokenization)")
     p.add_argument("--input", nargs="+", required=True, metavar="SRC",
                    help="files, folders, globs, .jsonl, .parquet, builtin:pydocs, data:NAME or hf:NAME[:SPLIT]")
     p.add_argument("--tokenizer", required=True, help="a tokenizer folder or `gpt2`")
@@ -142,7 +146,7 @@ def _pretrain(args):
 def add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a GPT on token shards (DDP/FSDP under torchrun)")
     g = p.add_argument_group("data, model and output")
-    g.add_argument("--data", help="a shard folder (from data prepare)")
+    g.add_argument("--data", help="a shard folder (from `scratchllm prepare`)")
     g.add_argument("--input", nargs="+", metavar="SRC", help="or raw sources: prepared into OUT/shards first")
     g.add_argument("--tokenizer", help="tokenizer folder or `gpt2` (default: the --model folder's)")
     g.add_argument("--model-preset", help="train from scratch: tiny, small, gpt2, ...")
@@ -152,7 +156,8 @@ def add_pretrain(sub) -> None:
     g.add_argument("--resume", nargs="?", const=True, metavar="PATH",
                    help="continue the run in --out (or from this checkpoint / run folder)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (default: DDP)")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="shard with FSDP2 under torchrun (default: DDP)")
     t = p.add_argument_group("training (defaults in `scratchllm.configs.TrainConfig`)")
     for flag, typ, hlp in [
         ("--max-steps", int, "optimizer steps"), ("--batch-size", int, "sequences per micro-batch per process"),

@@ -85,10 +85,13 @@ class Trainer:
         self.cfg, self.objective, self.batches = cfg, objective, train_batches
         self.out_dir, self.val_batches, self.sample_fn = Path(out_dir), val_batches, sample_fn
         self.info, self.flops_per_token, self.peak_flops = dict(info or {}), flops_per_token, peak_flops
+        self.device = init_distributed(cfg.device)  # first: the rank and world size come from it
         self.rank, self.world = _world()
-        self.device = init_distributed(cfg.device)
         self.precision = select_precision(cfg.precision, self.device)
+        # loss and count sums across micro-batches and ranks: float64, but MPS has no float64
+        self._sum_dtype = torch.float32 if self.device.startswith("mps") else torch.float64
         if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
             torch.use_deterministic_algorithms(True)
         self.model = model.to(self.device)  # the unwrapped module: what checkpoints save
         self.write_model = write_model  # (folder, full state dict) -> writes the model files
@@ -113,6 +116,7 @@ class Trainer:
         self.step = self.tokens_seen = self.bad_steps = self.skipped_steps = 0
         self.elapsed = 0.0  # training seconds over all sessions of this run
         self.resumed_from: int | None = None
+        self._saved_step: int | None = None  # the step whose checkpoint holds the current state
         self._stop: int | None = None
 
     # ------------------------------------------------------------------ precision
@@ -122,7 +126,7 @@ class Trainer:
         return torch.autocast(torch.device(self.device).type, dtype=torch_dtype(self.precision))
 
     def _all_sum(self, values: list[float | torch.Tensor]) -> list[float]:
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        t = torch.stack([torch.as_tensor(v, dtype=self._sum_dtype, device=self.device) for v in values])
         if self.world > 1:
             dist.all_reduce(t)
         return t.tolist()
@@ -133,7 +137,7 @@ class Trainer:
         lr = lr_at(self.step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                    schedule=cfg.schedule, min_lr=cfg.min_lr)
         set_lr(self.optimizer, lr)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_sum = torch.zeros((), dtype=self._sum_dtype, device=self.device)
         count = tokens = 0
         for micro in range(cfg.grad_accum):
             batch = _to(self.batches.next_batch(), self.device)
@@ -142,7 +146,7 @@ class Trainer:
                 with self.autocast():
                     loss, metrics = self.objective(self.fwd, batch)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach().double()
+            loss_sum += loss.detach().to(self._sum_dtype)
             n = int(metrics["count"])
             count += n
             tokens += int(metrics.get("tokens", n))
@@ -182,8 +186,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean loss over the first `cfg.eval_batches x processes` validation batches: under DDP, rank r
-        takes batches r, r + W, ... and the sums are all-reduced, so the result does not depend on the
-        number of processes (under FSDP every rank runs every batch: its forward is collective)."""
+        takes batches r, r + W, ... and the sums are all-reduced (under FSDP every rank runs every batch:
+        its forward is collective). With the per-process batch size divided by W, a W-process run
+        evaluates the same tokens as one process."""
         self.fwd.eval()
         loss_sum = count = 0.0
         split = self.world > 1 and not self.fsdp
@@ -252,6 +257,7 @@ class Trainer:
                                    f"({e}); the previous checkpoint ({prev}) is intact") from None
         if self.world > 1:
             dist.barrier()
+        self._saved_step = self.step
         return path
 
     def resume(self, path: str | Path) -> int:
@@ -290,7 +296,7 @@ class Trainer:
         ckpt.set_rng_state(mine["rng"])
         if mine["sampler"] is not None:
             self.batches.load_state_dict(mine["sampler"])
-        self.resumed_from = self.step
+        self.resumed_from = self._saved_step = self.step
         print0(f"resumed from {folder} (step {self.step}, {self.tokens_seen:,} tokens seen)")
         return self.step
 
@@ -341,8 +347,7 @@ class Trainer:
             done = self.step >= cfg.max_steps
             if done and self.val_batches and (not cfg.eval_every or self.step % cfg.eval_every):
                 val = self._log_eval(log)
-            latest = ckpt.list_checkpoints(self.out_dir)
-            if not latest or latest[-1].name != ckpt.step_name(self.step):
+            if self._saved_step != self.step:  # (a rewound run may find an older step_N of this name)
                 self.save({"loss": last.get("loss"), "val_loss": val["loss"] if val else None})
             if rank0:
                 self.write_outputs()

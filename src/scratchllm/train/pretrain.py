@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scratchllm.common import ScratchError, atomic_write_text, print0, seed_everything
+from scratchllm.common import ScratchError, atomic_write_text, print0, seed_everything, torch_dtype
 from scratchllm.configs import PretrainConfig, diff, resolve, to_dict, to_toml
 from scratchllm.train import checkpointing as ckpt
 from scratchllm.train.core import Trainer, init_distributed, write_safetensors
@@ -49,8 +49,6 @@ def config_from_args(args, base: dict | None = None) -> PretrainConfig:
     overrides = {field: getattr(args, dest, None) for dest, field in FLAGS.items()}
     if isinstance(overrides["train.compile"], bool):
         overrides["train.compile"] = "on" if overrides["train.compile"] else "off"
-    if overrides["fsdp"] is False:
-        overrides["fsdp"] = None  # store_true's default must not override the TOML file
     return resolve(PretrainConfig, getattr(args, "config", None), overrides, base=base)
 
 
@@ -175,7 +173,7 @@ def run(args) -> int:
     tc, out = cfg.train, Path(cfg.out)
     if base is not None:
         check_resume_config(cfg, base, resume_from.parent / "config.toml")
-    device = init_distributed(tc.device)
+    device = init_distributed(tc.device)  # before the rank is read; the Trainer picks the same device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if rank == 0:
         check_out_dir(out, getattr(args, "resume", None), getattr(args, "overwrite", False))
@@ -185,7 +183,12 @@ def run(args) -> int:
 
     model, tokenizer = load_start_model(cfg.model, cfg.block_size) if cfg.model else (None, None)
     if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        given = load_tokenizer(cfg.tokenizer)
+        if tokenizer is not None and given.fingerprint() != tokenizer.fingerprint():
+            raise ScratchError(f"--tokenizer {cfg.tokenizer} is not the tokenizer of --model {cfg.model} "
+                               f"({given.name}, {given.vocab_size} ids vs {tokenizer.name}, {tokenizer.vocab_size} "
+                               "ids): drop --tokenizer to use the model's own")
+        tokenizer = given
     if tokenizer is None:
         raise ScratchError("no tokenizer: pass --tokenizer (a folder or `gpt2`), or a --model folder holding one")
     shards = load_data(cfg, out, tokenizer)
@@ -209,15 +212,14 @@ def run(args) -> int:
         if sum(len(a) for a in arrays) <= block:
             raise ScratchError(f"the {split} shards of {shards.index.get('path', cfg.data)} hold fewer than "
                                f"block_size + 1 = {block + 1} tokens: use more data or a smaller --block-size")
-    sampler = RandomWindowSampler(shards.train, block, tc.batch_size, seed=tc.seed, rank=rank, world_size=world)
+    sampler = RandomWindowSampler(shards.train, block, tc.batch_size, seed=tc.seed, rank=rank, world_size=world,
+                                  device=device)  # pinned, non-blocking copies on CUDA
 
     def write_model(folder: Path, state: dict) -> None:
         write_safetensors(folder, state)
         (folder / "config.json").write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
         tokenizer.save(folder / "tokenizer")
 
-    precision_probe = torch.bfloat16 if tc.precision == "bf16" else torch.float32
-    peak = matmul_peak_flops(device, precision_probe) if rank == 0 else None
     info = {"model": cfg.model or f"preset {cfg.model_preset}",
             "parameters": f"{model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)",
             "data": f"{cfg.data or cfg.input}: {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens",
@@ -226,10 +228,12 @@ def run(args) -> int:
                             f"({tc.batch_size} x {block} x {tc.grad_accum} accum x {world} processes)"}
     trainer = Trainer(
         model, tc, next_token_objective, sampler, out_dir=out,
-        val_batches=lambda: eval_batches(shards.val, block, tc.batch_size, max_batches=tc.eval_batches * world),
+        val_batches=lambda: eval_batches(shards.val, block, tc.batch_size, max_batches=tc.eval_batches * world,
+                                         device=device),
         sample_fn=make_sampler(mcfg, tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed),
-        write_model=write_model, flops_per_token=gpt_train_flops_per_token(mcfg), peak_flops=peak,
-        info=info, fsdp=cfg.fsdp)
+        write_model=write_model, flops_per_token=gpt_train_flops_per_token(mcfg), info=info, fsdp=cfg.fsdp)
+    if rank == 0:  # MFU's ceiling: this device's matmul speed in the precision the run really uses
+        trainer.peak_flops = matmul_peak_flops(trainer.device, torch_dtype(trainer.precision))
     if resume_from is not None:
         trainer.resume(resume_from)
     if rank == 0:
