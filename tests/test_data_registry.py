@@ -97,7 +97,12 @@ def test_shared_data_folder_works_as_a_mirror(shared_data, monkeypatch, tmp_path
     assert main(["data", "list"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in DATASETS)
-    assert "cached" in listing.splitlines()[0]  # the-verdict is now in the cache
+    lines = listing.splitlines()
+    assert "cached" in lines[0]  # the-verdict is now in the cache
+    assert lines[1].split() == ["sha256", "b41e41a68f03", DATASETS["the-verdict"].url]  # SHA256SUMS' digest
+    for ds in DATASETS.values():  # each entry: its URL and the start of the saved file's sha256
+        assert f"sha256 {ds.saved_sha256[:12]}  {ds.url}" in listing, ds.name
+    assert "sha256 7d039a24a608  https://archive.ics.uci.edu/" in listing  # sms-spam: the extracted file's
 
 
 def test_unknown_names_fail_before_any_download(capsys):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import scratchllm.data.shards as shards_mod
 from scratchllm.cli import main
 from scratchllm.common import ScratchError
-from scratchllm.data.shards import open_shards, prepare, split_for_encoding, token_dtype
+from scratchllm.data.shards import open_shards, prepare, report, split_for_encoding, token_dtype
 from scratchllm.data.sources import iter_documents
 from scratchllm.tokenizer import PATTERNS, Tokenizer, load_tokenizer
 
@@ -142,6 +142,46 @@ def test_fingerprint_mismatch_and_damaged_folders(shared_data, tmp_path):
         open_shards(tmp_path / "s")
     with pytest.raises(ScratchError, match="has no index.json"):
         open_shards(tmp_path)
+    (tmp_path / "s" / "index.json").write_text('{"dtype": "uint16", ')  # cut off mid-write
+    with pytest.raises(ScratchError, match=r"s/index.json is damaged \(JSONDecodeError.*prepare. again"):
+        open_shards(tmp_path / "s")
+
+
+def test_a_tokenizer_without_endoftext_is_refused(shared_data, tmp_path):
+    gpt2 = load_tokenizer("gpt2")
+    bare = Tokenizer(gpt2.mergeable_ranks, gpt2.pattern, {}, name="bare")
+    with pytest.raises(ScratchError, match=r"'bare' has no <\|endoftext\|> token.*--special '<\|endoftext\|>'"):
+        prepare([str(shared_data / "the-verdict.txt")], bare, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_too_few_tokens_for_validation_is_its_own_rule(tmp_path):
+    class Mute(Tokenizer):  # every text encodes to nothing: the stream is one <|endoftext|> per document
+        def encode_ordinary(self, text):
+            return []
+
+    gpt2 = load_tokenizer("gpt2")
+    (tmp_path / "one.txt").write_text("one short document")
+    index = prepare([str(tmp_path / "one.txt")], Mute(gpt2.mergeable_ranks, gpt2.pattern, gpt2.special_tokens),
+                    tmp_path / "s", val_fraction=0.1, progress=False)
+    assert (index["train_tokens"], index["val_tokens"], index["val_rule"]) == (1, 0, "too_few_tokens")
+    text = report(index, tmp_path / "s")
+    assert "validation: none: only 1 token(s) in all, too few" in text and "val_fraction 0.1)" in text
+    assert "val_fraction 0)" not in text
+
+
+def test_data_inputs_are_fetched_once(shared_data, tmp_path, monkeypatch):
+    """prepare expands its inputs once: a data:NAME input is fetched and verified once, not twice."""
+    import scratchllm.data.registry as registry
+
+    monkeypatch.setenv("SCRATCHLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SCRATCHLLM_MIRROR", str(shared_data))
+    real, calls = registry.get, []
+    monkeypatch.setattr(registry, "get", lambda name: calls.append(name) or real(name, progress=False))
+    index = prepare(["data:the-verdict"], "gpt2", tmp_path / "s", val_fraction=0, progress=False)
+    assert calls == ["the-verdict"]
+    assert index["sources"][0]["path"] == str(tmp_path / "cache" / "datasets" / "the-verdict.txt")
+    assert index["train_tokens"] == 5146  # README: 5145 GPT-2 tokens, + <|endoftext|>
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -33,6 +33,20 @@ def test_files_folders_globs_in_sorted_order(tmp_path):
                               "sha256": "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"}]
 
 
+def test_dotted_parts_above_the_folder_do_not_hide_it(tmp_path, monkeypatch):
+    """Only names below the given folder count as hidden: `../data` and `~/.cache/...` are read."""
+    hidden_parent = tmp_path / ".cache" / "datasets"
+    (hidden_parent / "sub").mkdir(parents=True)
+    (hidden_parent / "sub" / "a.txt").write_text("a")
+    (hidden_parent / ".skip.txt").write_text("hidden")
+    (hidden_parent / ".git").mkdir()
+    (hidden_parent / ".git" / "b.txt").write_text("hidden too")
+    assert texts([hidden_parent]) == ["a"]
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert expand_inputs(["../.cache/datasets"]) == ["../.cache/datasets/sub/a.txt"]
+
+
 def test_missing_inputs_are_named(tmp_path):
     with pytest.raises(ScratchError, match="nope.txt does not exist"):
         expand_inputs([str(tmp_path / "nope.txt")])
@@ -97,9 +111,13 @@ def test_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"content": ["alpha", None, "beta"], "n": [1, 2, 3]}), tmp_path / "t.parquet")
-    assert texts([tmp_path / "t.parquet"], text_field="content") == ["alpha", "beta"]
+    stats = SourceStats()
+    assert texts([tmp_path / "t.parquet"], text_field="content", stats=stats) == ["alpha", "beta"]
+    assert (stats.empty_documents, stats.documents) == (1, 2)  # the null is skipped and counted
     with pytest.raises(ScratchError, match=r"t.parquet: no column 'text' \(columns: \['content', 'n'\]\)"):
         texts([tmp_path / "t.parquet"])
+    with pytest.raises(ScratchError, match=r"t.parquet:row 0: field 'n' is a int, not a string"):
+        texts([tmp_path / "t.parquet"], text_field="n")
 
 
 def test_hf_dataset_saved_to_disk(tmp_path):
@@ -114,6 +132,13 @@ def test_hf_dataset_saved_to_disk(tmp_path):
         texts([f"hf:{tmp_path / 'dict'}:test"], text_field="story")
     with pytest.raises(ScratchError, match="row 0 has no field 'text'"):
         texts([f"hf:{tmp_path / 'dict'}"])
+    mixed = datasets.Dataset.from_dict({"text": ["one", None, "three"], "n": [1, 2, 3]})
+    mixed.save_to_disk(str(tmp_path / "mixed"))
+    stats = SourceStats()
+    assert texts([f"hf:{tmp_path / 'mixed'}"], stats=stats) == ["one", "three"]
+    assert stats.empty_documents == 1  # the null is skipped and counted
+    with pytest.raises(ScratchError, match=r"hf:.*mixed:row 0: field 'n' is a int, not a string"):
+        texts([f"hf:{tmp_path / 'mixed'}"], text_field="n")
 
 
 def test_gutenberg_stripping_matches_the_marker_lines(shared_data):
@@ -201,3 +226,6 @@ def test_hf_hub_names_are_streamed(monkeypatch):
     assert texts(["hf:roneneldan/TinyStories:validation"]) == ["streamed one", "streamed two"]
     assert texts(["hf:someone/corpus"]) == ["streamed one", "streamed two"]
     assert calls == [("roneneldan/TinyStories", "validation", True), ("someone/corpus", "train", True)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split, streaming: iter([{"text": ["a", "list"]}]))
+    with pytest.raises(ScratchError, match=r"hf:someone/corpus:row 0: field 'text' is a list, not a string"):
+        texts(["hf:someone/corpus"])

@@ -1,14 +1,17 @@
 """Downloads against a local HTTP server on 127.0.0.1: resume after a dropped connection (HTTP Range),
-checksum refusal that keeps the old good file, mirrors (folder and base URL), cache folder.
+retries of a busy server (429/5xx), checksum refusal that keeps the old good file, mirrors (folder and
+base URL), cache folder.
 
 The reference for "correct bytes" is ../shared/data's SHA256SUMS, written by nobody here."""
 
 import hashlib
 import os
+from types import SimpleNamespace
 
 import pytest
 from _fileserver import FileServer
 
+import scratchllm.weights.download as download_mod
 from scratchllm.common import ScratchError
 from scratchllm.weights.download import cache_dir, download, resolve_url
 
@@ -29,6 +32,32 @@ def no_mirror(monkeypatch):
 
 def sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def fail_first(srv: FileServer, answers: list[tuple[int, dict]]) -> None:
+    """Make `srv` answer its next requests with these (status, headers) before serving files again."""
+    queue = list(answers)
+
+    class Failing(srv.httpd.RequestHandlerClass):
+        def do_GET(self):
+            if not queue:
+                return super().do_GET()
+            status, headers = queue.pop(0)
+            srv.requests.append((self.path, self.headers.get("Range")))
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": "0"}.items():
+                self.send_header(k, v)
+            self.end_headers()
+
+    srv.httpd.RequestHandlerClass = Failing
+
+
+@pytest.fixture()
+def sleeps(monkeypatch):
+    """The waits between attempts, recorded instead of slept."""
+    waited = []
+    monkeypatch.setattr(download_mod, "time", SimpleNamespace(sleep=waited.append))  # only this module's
+    return waited
 
 
 def test_download_verifies_and_caches(files, tmp_path):
@@ -62,6 +91,27 @@ def test_partial_file_survives_failure_and_next_call_resumes(files, tmp_path):
         download(srv.url + url_path, tmp_path / "s.txt", sha256=SHAKES_SHA, retries=0, progress=False)
         assert srv.requests[-1] == (url_path, "bytes=300000-")
         assert sha(tmp_path / "s.txt") == SHAKES_SHA
+
+
+def test_busy_server_is_retried_honouring_retry_after(files, tmp_path, sleeps):
+    with FileServer(files) as srv:
+        fail_first(srv, [(503, {}), (429, {"Retry-After": "3"})])
+        dest = download(srv.url + "/d/the-verdict.txt", tmp_path / "v.txt", sha256=VERDICT_SHA, progress=False)
+        assert len(srv.requests) == 3
+    assert sha(dest) == VERDICT_SHA
+    assert sleeps == [0.2, 3.0]  # backoff after the 503, the server's Retry-After after the 429
+
+
+def test_a_failing_server_gives_up_after_the_retries(files, tmp_path, sleeps):
+    with FileServer(files) as srv:
+        fail_first(srv, [(500, {})] * 3)
+        with pytest.raises(ScratchError, match=r"the-verdict.txt: HTTP 500 .* on all 3 attempts; the server is busy"):
+            download(srv.url + "/d/the-verdict.txt", tmp_path / "v.txt", retries=2, progress=False)
+        assert len(srv.requests) == 3 and sleeps == [0.2, 0.4]
+        with pytest.raises(ScratchError, match="HTTP 404"):
+            download(srv.url + "/d/missing.txt", tmp_path / "m.txt", progress=False)
+        assert len(srv.requests) == 4  # a 404 is not retried
+    assert not (tmp_path / "v.txt").exists()
 
 
 def test_server_ignoring_range_restarts_from_zero(files, tmp_path):

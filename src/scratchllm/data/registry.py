@@ -191,13 +191,17 @@ def _human(n: int | None) -> str:
 
 
 def list_cmd(args) -> int:
-    """`scratchllm data list`: one line per dataset (name, size, cached?, description, license)."""
+    """`scratchllm data list`: two lines per dataset: name, size, cached?, description, license; then,
+    indented, the first 12 hex digits of the saved file's sha256, the canonical URL and any transform."""
     width = max(map(len, DATASETS))
     for ds in DATASETS.values():
         target = cache_dir() / "datasets" / ds.file
         mark = "cached" if target.exists() else "      "
         print(f"{ds.name:<{width}}  {_human(ds.saved_size):>8}  {mark}  {ds.description}  [{ds.license}]")
-    print(f"\ncache: {cache_dir() / 'datasets'} (SCRATCHLLM_CACHE); mirror: "
+        transform = f"  ({ds.transform})" if ds.transform else ""
+        print(f"    sha256 {(ds.saved_sha256 or '?' * 12)[:12]}  {ds.url}{transform}")
+    print(f"\nsha256: of the saved file (`scratchllm data get` checks all 64 digits)\n"
+          f"cache: {cache_dir() / 'datasets'} (SCRATCHLLM_CACHE); mirror: "
           f"{os.environ.get('SCRATCHLLM_MIRROR') or 'none'} (SCRATCHLLM_MIRROR)")
     return 0
 

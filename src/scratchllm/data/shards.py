@@ -4,12 +4,13 @@ A shard folder holds `train_XXXX.bin` / `val_XXXX.bin` (raw little-endian token 
 vocabulary has <= 65536 ids, else uint32; a token that does not fit raises, it is never truncated)
 and `index.json` (dtype, token counts, shard names, tokenizer name + fingerprint, sources with sha256,
 options, and which validation rule applied). Every document is followed by the tokenizer's
-`<|endoftext|>` id, so documents never run into each other.
+`<|endoftext|>` id, so documents never run into each other; a tokenizer without one is refused.
 
 Validation split, deterministic: document i (counted after cleaning) goes to validation when
 floor((i+1)*f) > floor(i*f), i.e. every 1/f-th document. When that picks no document (a corpus of one
 book, as in the book's chapter 5), the last round(f * tokens) tokens of the stream become validation
-instead ("tail" rule). index.json and the report name the rule.
+instead ("tail" rule). With fewer than 2 tokens in all there is nothing to split ("too_few_tokens");
+with val_fraction 0 there is no validation split ("none"). index.json and the report name the rule.
 
 Tokenization runs in `workers` processes (each loads the tokenizer from its folder or spec, so only
 strings cross process boundaries). Long documents are cut into pieces at "letter/digit then newline"
@@ -99,7 +100,7 @@ def _encode_task(task: list[tuple[bool, str, bool]]) -> tuple[np.ndarray, np.nda
     for is_val, text, ends in task:
         ids = out[is_val]
         ids.extend(tok.encode_ordinary(text))
-        if ends and eot is not None:
+        if ends:
             ids.append(eot)
     arrays = []
     for ids in out:
@@ -190,11 +191,15 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
     if shard_tokens < 1 or workers < 1 or chunk_chars < 1:
         raise ScratchError(f"--shard-tokens and --workers must be >= 1 (got {shard_tokens}, {workers})")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    if tok.eot_token is None:
+        raise ScratchError(f"tokenizer {tok.name!r} has no <|endoftext|> token, which prepare puts after every "
+                           "document so that documents do not run into each other; train the tokenizer with "
+                           "--special '<|endoftext|>' (the default of `scratchllm tokenizer train`)")
     spec = None if isinstance(tokenizer, Tokenizer) else str(tokenizer)
     if spec is not None and spec != "gpt2":
         spec = str(Path(spec).resolve())
     dtype = token_dtype(tok.vocab_size)
-    files = expand_inputs(inputs)  # fails early on a bad input
+    files = expand_inputs(inputs)  # fails early on a bad input; fetches data:NAME inputs (only here)
     sized = all(Path(p).is_file() for p in files)  # builtin:/hf: inputs have no size: no ETA then
     approx_chars = sum(Path(p).stat().st_size for p in files) if sized else None
     stats = SourceStats()
@@ -203,7 +208,7 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
     start = time.perf_counter()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-        docs = iter_documents(inputs, stats=stats, **source_options)
+        docs = iter_documents(inputs, stats=stats, expanded=files, **source_options)
         tasks = _tasks(docs, val_fraction, chunk_chars, tok.pattern in PATTERNS.values(), counts, bar)
         pool = None
         try:
@@ -223,8 +228,13 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
             if pool is not None:  # on Ctrl-C or an error: drop queued tasks, let running ones end
                 pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-        rule = "documents" if counts["val"] and counts["train"] else "none"
-        if writers["val"].tokens == 0 and val_fraction > 0 and writers["train"].tokens >= 2:
+        if counts["val"] and counts["train"]:
+            rule = "documents"
+        elif val_fraction == 0:
+            rule = "none"
+        elif writers["train"].tokens < 2:  # the train split must keep at least one token
+            rule = "too_few_tokens"
+        else:
             rule = "tail"
             n_val = min(max(1, round(val_fraction * writers["train"].tokens)), writers["train"].tokens - 1)
             writers["val"].write(writers["train"].pop_tail(n_val))
@@ -284,6 +294,8 @@ def report(index: dict, out_dir: str | Path) -> str:
     d = index["documents"]
     rule = {"documents": f"every 1/f-th document (f={index['options']['val_fraction']})",
             "tail": "too few documents for a per-document split: the tail of the token stream",
+            "too_few_tokens": f"none: only {index['train_tokens']} token(s) in all, too few to split off "
+                              f"a validation part (val_fraction {index['options']['val_fraction']})",
             "none": "no validation split (val_fraction 0)"}[index["val_rule"]]
     skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in d.items() if k not in ("train", "val") and v)
     return "\n".join([

@@ -2,9 +2,11 @@
 
 Inputs (mixed freely; `iter_documents` takes a list):
   a file           .jsonl (one JSON object per line, `text_field`), .parquet (column `text_field`,
-                   needs pyarrow), anything else is UTF-8 text: one document per file, or several
-                   when the file separates them with `<|endoftext|>` (as TinyStories does)
-  a folder         every .txt/.md/.rst/.text/.jsonl/.parquet file under it, recursively, sorted
+                   needs pyarrow; nulls count as empty documents), anything else is UTF-8 text: one
+                   document per file, or several when the file separates them with `<|endoftext|>`
+                   (as TinyStories does)
+  a folder         every .txt/.md/.rst/.text/.jsonl/.parquet file under it, recursively, sorted;
+                   names starting with "." below the folder are skipped
   a glob           "corpus/**/*.txt" (quote it in the shell); matching nothing is an error
   builtin:pydocs   Python's own documentation: `pydoc_data.topics` and the standard library's
                    docstrings, read with `ast` (nothing is imported or executed), deterministic order
@@ -134,6 +136,22 @@ def _read_jsonl(path: Path, text_field: str, errors: str, stats: SourceStats) ->
         stats.empty_files += 1
 
 
+def _checked(value, where: str, text_field: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+    """One Parquet/HF value: a string is yielded, a null is counted as an empty document, anything
+    else is an error naming the row and the field.
+
+    >>> list(_checked("hi", "t.parquet:row 0", "text", SourceStats()))
+    [('hi', 't.parquet:row 0')]
+    """
+    if value is None:
+        stats.empty_documents += 1
+    elif isinstance(value, str):
+        yield value, where
+    else:
+        raise ScratchError(f"{where}: field {text_field!r} is a {type(value).__name__}, not a string; "
+                           "choose the text column with --text-field")
+
+
 def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
     try:
         import pyarrow.parquet as pq
@@ -151,8 +169,7 @@ def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[t
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
-            if value is not None:
-                yield value, f"{path}:row {row}"
+            yield from _checked(value, f"{path}:row {row}", text_field, stats)
             row += 1
 
 
@@ -178,7 +195,7 @@ def _read_hf(spec: str, text_field: str, stats: SourceStats) -> Iterator[tuple[s
         if text_field not in row:
             raise ScratchError(f"hf:{spec}: row {i} has no field {text_field!r} (fields: {sorted(row)}); "
                                "choose it with --text-field")
-        yield row[text_field], f"hf:{spec}:row {i}"
+        yield from _checked(row[text_field], f"hf:{spec}:row {i}", text_field, stats)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -200,8 +217,9 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 raise ScratchError(f"unknown built-in corpus {spec!r}; the built-in corpus is builtin:pydocs")
             out.append(spec)
         elif Path(spec).is_dir():
-            files = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file()
-                           and p.suffix.lower() in FOLDER_EXTS and not any(s.startswith(".") for s in p.parts))
+            folder = Path(spec)  # hidden names count only below it: "../data" or "~/.cache/x" are fine
+            files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_EXTS
+                           and not any(s.startswith(".") for s in p.relative_to(folder).parts))
             if not files:
                 raise ScratchError(f"folder {spec} holds no {'/'.join(sorted(FOLDER_EXTS))} files")
             out.extend(files)
@@ -237,12 +255,15 @@ def _raw_documents(spec: str, text_field: str, errors: str, stats: SourceStats) 
 
 def iter_documents(inputs: list[str], text_field: str = "text", errors: str = "strict",
                    strip_gutenberg: bool = False, min_chars: int = 0, dedup: bool = False,
-                   normalize_newlines: bool = True, stats: SourceStats | None = None) -> Iterator[Document]:
+                   normalize_newlines: bool = True, stats: SourceStats | None = None,
+                   expanded: list[str] | None = None) -> Iterator[Document]:
     """Yield the cleaned documents of `inputs` in a deterministic order (input order, files sorted).
 
     Raises ScratchError for a missing path, a glob matching nothing, undecodable bytes (file and byte
-    offset; `errors="replace"` continues), a bad JSONL line (file:line), or when every input is empty.
-    `stats`, when given, collects the sources (path, sha256) and the counts of what was skipped.
+    offset; `errors="replace"` continues), a bad JSONL line (file:line), a Parquet/HF value that is not
+    a string (row and field), or when every input is empty. `stats`, when given, collects the sources
+    (path, sha256) and the counts of what was skipped. `expanded` is `expand_inputs(inputs)` when the
+    caller already has it (prepare does), so data:NAME inputs are fetched and globs expanded only once.
     """
     if errors not in {"strict", "replace"}:
         raise ScratchError(f"errors must be 'strict' or 'replace', got {errors!r}")
@@ -250,7 +271,7 @@ def iter_documents(inputs: list[str], text_field: str = "text", errors: str = "s
         raise ScratchError(f"min_chars must be >= 0, got {min_chars}")
     stats = stats if stats is not None else SourceStats()
     seen: set[bytes] = set()
-    for spec in expand_inputs(inputs):
+    for spec in expanded if expanded is not None else expand_inputs(inputs):
         for text, where in _raw_documents(spec, text_field, errors, stats):
             if normalize_newlines:
                 text = text.replace("\r\n", "\n")

@@ -2,7 +2,8 @@
 
 `download(url, dest, sha256=..., size=...)` streams the body to `dest.part`, resumes a partial
 `.part` with an HTTP Range request (after a dropped connection, within the same call or a later one),
-checks the size and sha256, and only then renames `.part` to `dest`. A file that fails its checksum
+retries a busy or failing server (HTTP 429 and 5xx, honouring a Retry-After in seconds), checks the
+size and sha256, and only then renames `.part` to `dest`. A file that fails its checksum
 is never renamed into place: an existing good `dest` is kept and the error names the URL.
 
 Offline machines set `SCRATCHLLM_MIRROR` to a folder or a base URL that replaces the scheme and host
@@ -31,6 +32,19 @@ from scratchllm.common import ScratchError, is_rank0
 
 CHUNK = 1 << 16  # bytes per read
 USER_AGENT = "scratchllm-downloader/0.1"
+MAX_WAIT = 30.0  # seconds: the longest Retry-After we wait for between two attempts
+
+
+def _backoff(attempt: int, retry_after: str | None) -> float:
+    """Seconds to wait before the next attempt: the server's Retry-After when it is a number of
+    seconds (capped at MAX_WAIT), else exponential backoff from 0.2 s.
+
+    >>> _backoff(0, None), _backoff(2, None), _backoff(0, "3"), _backoff(0, "Wed, 21 Oct 2015 07:28:00 GMT")
+    (0.2, 0.8, 3.0, 0.2)
+    """
+    if retry_after is not None and retry_after.strip().isdigit():
+        return min(float(retry_after.strip()), MAX_WAIT)
+    return min(0.2 * 2**attempt, 5.0)
 
 
 def cache_dir() -> Path:
@@ -152,6 +166,8 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
       network access, unless `force`.
     - The body goes to `dest.part`; a dropped connection is retried `retries` times, each retry
       resuming with `Range: bytes=N-`. A `.part` left by an earlier, interrupted call is resumed too.
+    - HTTP 429 and 5xx answers are retried the same way (after the server's Retry-After, when it
+      gives one in seconds); other HTTP errors (404, 403, ...) fail at once.
     - Size and sha256 are checked before the atomic rename. On a mismatch the `.part` is deleted,
       any existing `dest` is left untouched, and ScratchError names the URL and both hashes.
     - `source` (a URL or a local path) replaces `resolve_url(url)` as the place to fetch from.
@@ -172,11 +188,16 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
         except FileNotFoundError as e:
             raise ScratchError(f"cannot download {url}: {e} (check SCRATCHLLM_MIRROR)") from None
         except urllib.error.HTTPError as e:
-            raise ScratchError(f"cannot download {url}{via}: HTTP {e.code} {e.reason}") from None
+            if not (e.code == 429 or 500 <= e.code <= 599):  # not busy or failing: final
+                raise ScratchError(f"cannot download {url}{via}: HTTP {e.code} {e.reason}") from None
+            if attempt == retries:
+                raise ScratchError(f"cannot download {url}{via}: HTTP {e.code} {e.reason} on all {retries + 1} "
+                                   "attempts; the server is busy or failing, try again later") from None
+            time.sleep(_backoff(attempt, e.headers.get("Retry-After") if e.headers else None))
         except (OSError, http.client.HTTPException) as e:  # dropped connection, timeout, DNS, ...
             last_error = e
             if attempt < retries:
-                time.sleep(min(0.2 * 2**attempt, 5.0))
+                time.sleep(_backoff(attempt, None))
     if last_error is not None:
         kept = part.stat().st_size if part.exists() else 0
         raise ScratchError(f"cannot download {url}{via} after {retries + 1} attempts: "
