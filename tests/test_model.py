@@ -236,3 +236,6 @@ def test_public_names():
     model = scratchllm.GPT(scratchllm.ModelConfig.from_preset("tiny"))
     assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 4096)
     assert callable(scratchllm.load_hf_gpt2) and callable(scratchllm.export_hf)
+    from scratchllm.infer.engine import Engine
+
+    assert scratchllm.Engine is Engine and isinstance(Engine, type)

@@ -54,6 +54,16 @@ def test_compiled_wrapper_prefix_is_stripped_and_run_folder_is_followed(tmp_path
         load_model(tmp_path / "run")
 
 
+def test_path_to_model_safetensors_loads_its_folder(tmp_path, tok):
+    model = make()
+    save_model(model, tok, tmp_path / "m")
+    loaded, tok2 = load_model(tmp_path / "m" / "model.safetensors")
+    assert tok2 == tok
+    assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    with pytest.raises(ScratchError, match="config.json is a file: give a model folder"):
+        load_model(tmp_path / "m" / "config.json")
+
+
 def test_failed_save_leaves_nothing_behind(tmp_path, tok, monkeypatch):
     def broken_save(self, directory, overwrite=False):
         raise KeyboardInterrupt  # Ctrl-C in the middle of writing

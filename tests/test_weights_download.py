@@ -1,13 +1,17 @@
 """`scratchllm download gpt2` against a local HTTP server (never the internet): a tiny random GPT-2 made
 by transformers plus OpenAI's real vocab files are served under the hub's URL layout through
-SCRATCHLLM_MIRROR; the download resumes a dropped connection, checks sizes / sha256, caches, and the
+SCRATCHLLM_MIRROR (the checks table is patched to hold the tiny weights' size and sha256); the
+download resumes a dropped connection, checks sizes / sha256 (refusing a corrupted file), caches, and the
 folder loads with logits equal to transformers' and token ids equal to tiktoken's."""
+
+import hashlib
 
 import pytest
 import torch
 from _fileserver import FileServer
 
 from scratchllm.cli import main
+from scratchllm.weights import commands
 from scratchllm.weights.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -31,9 +35,20 @@ def serve(files, repo):
     return FileServer({f"/{repo}/resolve/main/{name}": data for name, data in files.items()})
 
 
+WEIGHTS_355M = "/openai-community/gpt2-medium/resolve/main/model.safetensors"
+
+
+def check_tiny_weights_as_355m(monkeypatch, files):
+    """Make the checks table hold the served tiny file's size and sha256 as GPT-2 355M's weights."""
+    data = files["model.safetensors"]
+    monkeypatch.setitem(commands.GPT2_CHECKS, ("355M", "model.safetensors"),
+                        (len(data), hashlib.sha256(data).hexdigest()))
+
+
 def test_download_resumes_checks_caches_and_loads(tiny_files, tmp_path, monkeypatch, gpt2_tiktoken):
     hf, files = tiny_files
-    weights_path = "/openai-community/gpt2-medium/resolve/main/model.safetensors"
+    weights_path = WEIGHTS_355M
+    check_tiny_weights_as_355m(monkeypatch, files)  # so the resumed file goes through the sha256 check
     with serve(files, "openai-community/gpt2-medium") as srv:
         monkeypatch.setenv("SCRATCHLLM_MIRROR", srv.url)
         monkeypatch.setenv("SCRATCHLLM_CACHE", str(tmp_path / "cache"))
@@ -52,6 +67,23 @@ def test_download_resumes_checks_caches_and_loads(tiny_files, tmp_path, monkeypa
     assert ids == gpt2_tiktoken.encode(text)
     with torch.no_grad():
         assert (model(torch.tensor([ids])) - hf(torch.tensor([ids])).logits).abs().max().item() <= 1e-4
+
+
+def test_resumed_download_that_fails_the_checksum_is_refused(tiny_files, tmp_path, monkeypatch, capsys):
+    _, files = tiny_files
+    check_tiny_weights_as_355m(monkeypatch, files)
+    with serve(files, "openai-community/gpt2-medium") as srv:
+        monkeypatch.setenv("SCRATCHLLM_MIRROR", srv.url)
+        srv.corrupt.add(WEIGHTS_355M)  # same size, one byte flipped: only the sha256 can tell
+        srv.drop_once[WEIGHTS_355M] = 1000
+        assert main(["download", "gpt2", "--size", "355M", "--dest", str(tmp_path / "g"), "--quiet"]) == 2
+        assert [r for p, r in srv.requests if p == WEIGHTS_355M] == [None, "bytes=1000-"]
+    err = capsys.readouterr().err
+    assert "openai-community/gpt2-medium/resolve/main/model.safetensors" in err
+    assert "failed its check: sha256" in err
+    assert f"expected {hashlib.sha256(files['model.safetensors']).hexdigest()}" in err
+    assert not (tmp_path / "g" / "model.safetensors").exists()
+    assert not (tmp_path / "g" / "model.safetensors.part").exists()
 
 
 def test_download_to_dest_rejects_a_file_that_fails_the_known_checksum(tiny_files, tmp_path, monkeypatch, capsys):

@@ -182,6 +182,11 @@ def test_export_cli(tmp_path, small_tokenizer, capsys):
         assert (hf(idx).logits - ours(idx)).abs().max().item() <= 1e-4
     assert main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf")]) == 2
     assert "already exists" in capsys.readouterr().err
-    save_model(GPT(ModelConfig.from_preset("tiny", positions="rope")), None, tmp_path / "llama")
+    llama = ModelConfig.from_preset("tiny", positions="rope", vocab_size=small_tokenizer.vocab_size)
+    save_model(GPT(llama), small_tokenizer, tmp_path / "llama")
     assert main(["export", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "hf2")]) == 2
-    assert "no tokenizer" in capsys.readouterr().err
+    assert "this model cannot be exported to GPT-2 format" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists()
+    save_model(ours, None, tmp_path / "bare")
+    assert main(["export", "--model", str(tmp_path / "bare"), "--out", str(tmp_path / "hf3")]) == 2
+    assert "no tokenizer/ folder; the HF export needs the model's tokenizer" in capsys.readouterr().err

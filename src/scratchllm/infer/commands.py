@@ -31,8 +31,13 @@ def unescape(s: str) -> str:
 def generate(args) -> int:
     from scratchllm.infer.detok import Detokenizer
     from scratchllm.infer.engine import Engine, text_deltas
+    from scratchllm.infer.sampling import SamplingParams
     from scratchllm.weights.checkpoint import load_model
 
+    # check the sampling parameters before any work (loading a model can take a while)
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    if args.max_new_tokens < 0:
+        raise ScratchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     device = select_device(args.device)
     precision = select_precision(args.precision, device)
     model, tokenizer = load_model(args.model, device=device)

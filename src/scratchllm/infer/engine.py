@@ -1,6 +1,6 @@
 """The generation engine: prefill the prompt into a preallocated KV cache, then one token per step.
 
-What it does: `Engine(model, tokenizer=None)` runs a GPT (see model/) autoregressively.
+What it does: `Engine(model, tokenizer=None, n_valid=None)` runs a GPT (see model/) autoregressively.
 - `generate(prompt_ids, max_new_tokens, ...)` yields new token ids one at a time;
 - `generate_batch(prompts, max_new_tokens, ...)` runs prompts of different lengths together
   (left-padded, see KVCache.set_left_padding) and returns each one's new ids;
@@ -10,7 +10,11 @@ stop token ids and/or stop strings: a stop token is not returned; for a stop str
 before the token that completes it (earlier tokens of a multi-token stop string were already yielded),
 and `stream_text` cuts the text exactly before it. A prompt longer than block_size keeps its last
 block_size - max_new_tokens tokens with a warning (`truncate=False` makes that an error); with learned
-positions, generation stops with a warning when the sequence reaches block_size.
+positions, generation stops with a warning once the next token would have to be fed at position
+block_size (prompt + new tokens = block_size + 1: the last new token is sampled, never fed). Models
+whose vocab_size was padded past the tokenizer's (`scratchllm pretrain` rounds it up to a multiple of
+64) never sample the padding ids: ids >= n_valid (default: the tokenizer's vocab_size) get -inf logits.
+Each prompt is a 1-D sequence of ids (a list or a 1-D tensor).
 What it does not do: know how prompts are formatted or load models (see weights/checkpoint.py).
 
     >>> engine = Engine(model, tokenizer)
@@ -68,16 +72,24 @@ def text_deltas(tokens: Iterable[int], detok: Detokenizer) -> Iterator[str]:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, pack: bool | None = None):
+    def __init__(self, model, tokenizer=None, pack: bool | None = None, n_valid: int | None = None):
         """pack: run a copy of the model with oneDNN-packed Linear weights (see packed.py); None = do so
         where it is supported (CPU, fp32/bf16). The copy snapshots the weights: make a new Engine
-        after changing the model."""
+        after changing the model.
+        n_valid: only ids < n_valid are ever sampled (the rest are padding rows of the output layer);
+        None = the tokenizer's vocab_size, or every id of the model when there is no tokenizer."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
-        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+        V = self.config.vocab_size
+        if tokenizer is not None and tokenizer.vocab_size > V:
             raise ScratchError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                               f"{self.config.vocab_size} (vocab_size): they do not belong together")
+                               f"{V} (vocab_size): they do not belong together")
+        if n_valid is None:
+            n_valid = tokenizer.vocab_size if tokenizer is not None else V
+        if not isinstance(n_valid, int) or isinstance(n_valid, bool) or not 0 < n_valid <= V:
+            raise ScratchError(f"n_valid must be an integer in [1, {V}] (the model's vocab_size), got {n_valid!r}")
+        self.n_valid = n_valid
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         if pack and not can_pack(model):
@@ -149,7 +161,9 @@ class Engine:
         T = max(lens)
         steps = max_new_tokens
         if cfg.positions == "learned":
-            steps = min(steps, cfg.block_size - T)
+            # positions 0 .. block_size-1 can be fed; the logits at the last one still predict a token,
+            # and the last new token is never fed: at most block_size - T + 1 new tokens
+            steps = min(steps, cfg.block_size - T + 1)
         if steps <= 0:
             if steps < max_new_tokens:
                 self._warn_block_size(steps)
@@ -174,6 +188,8 @@ class Engine:
 
         done = [False] * B
         for step in range(steps):
+            if self.n_valid < cfg.vocab_size:
+                logits[:, self.n_valid:] = float("-inf")  # padding rows of the head: ids no tokenizer has
             next_ids = sample(logits, params, gen, seen)  # (B,)
             tokens = next_ids.tolist()
             out: list[int | None] = []
@@ -199,7 +215,17 @@ class Engine:
     def _fit_prompt(self, prompt, max_new_tokens: int, truncate: bool) -> list[int]:
         """Prompt ids as a list; a prompt longer than block_size keeps its last block_size -
         max_new_tokens tokens (with a warning), or raises when truncate is False."""
+        if isinstance(prompt, torch.Tensor) and prompt.dim() != 1:
+            raise ScratchError(f"a prompt must be a 1-D sequence of token ids, got a tensor of shape "
+                               f"{tuple(prompt.shape)}: pass prompt[0] for a (1, T) tensor, or give "
+                               f"generate_batch a list of 1-D prompts")
+        if isinstance(prompt, (str, bytes)):
+            raise ScratchError(f"a prompt must be token ids, got {type(prompt).__name__} {prompt[:20]!r}: "
+                               f"encode it first (or use stream_text, which takes text)")
         ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        if any(isinstance(t, (list, tuple, torch.Tensor)) for t in ids):
+            raise ScratchError("a prompt must be a 1-D sequence of token ids, got a nested sequence: pass "
+                               "one list of ids to generate, or a list of such lists to generate_batch")
         if not ids:
             raise ScratchError("empty prompt: give at least one token (e.g. the tokenizer's <|endoftext|> id)")
         V, block = self.config.vocab_size, self.config.block_size
@@ -219,9 +245,11 @@ class Engine:
         return ids[-keep:]
 
     def _warn_block_size(self, steps: int) -> None:
-        warnings.warn(f"stopped after {steps} new token(s): the sequence reached block_size "
-                      f"{self.config.block_size}, the last position this model's learned position "
-                      f"embeddings know (use a shorter prompt for longer continuations)", stacklevel=3)
+        block = self.config.block_size
+        warnings.warn(f"stopped after {steps} new token(s): the sequence reached block_size {block} + 1 "
+                      f"tokens; feeding the next one would need position {block}, past the last one "
+                      f"({block - 1}) this model's learned position embeddings know (use a shorter prompt "
+                      f"for longer continuations)", stacklevel=3)
 
     def _need_tokenizer(self, what: str):
         if self.tokenizer is None:

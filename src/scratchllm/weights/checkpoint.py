@@ -6,8 +6,9 @@ What it does:
   `config.json` (ModelConfig.to_dict()), `tokenizer/` and optionally `meta.json`, through a temp
   folder renamed into place. `write_model_files` does the same into a folder the caller manages
   (the trainer's checkpoints use it).
-- `load_model(path)` accepts such a folder, a run folder (follows `RUN_DIR/latest`), or a Hugging
-  Face GPT-2 folder, and returns `(GPT, Tokenizer | None)`.
+- `load_model(path)` accepts such a folder, a run folder (follows `RUN_DIR/latest`), a Hugging
+  Face GPT-2 folder, or the path of the `model.safetensors` inside one of those model folders (its
+  folder is used), and returns `(GPT, Tokenizer | None)`.
 - `load_state_dict_checked` loads weights and, on any mismatch, raises one ScratchError that lists
   the missing, unexpected and wrongly shaped keys.
 What it does not do: optimizer / training state (train/checkpointing.py) or HF conversion (hf.py).
@@ -111,10 +112,17 @@ def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: dic
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder itself, or the newest complete checkpoint of a run folder (via its `latest` file)."""
+    """A model folder itself, the folder of a `model.safetensors` path, or the newest complete
+    checkpoint of a run folder (via its `latest` file)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ScratchError(f"{path} does not exist (give a model folder, a run folder or a HF GPT-2 folder)")
+        raise ScratchError(f"{path} does not exist (give a model folder, a run folder, a HF GPT-2 folder "
+                           f"or the {WEIGHTS} inside one)")
+    if path.is_file():
+        if path.name != WEIGHTS:
+            raise ScratchError(f"{path} is a file: give a model folder, a run folder, a HF GPT-2 folder or "
+                               f"the {WEIGHTS} inside one (its folder holds {CONFIG})")
+        path = path.parent
     latest = path / "latest"
     if not (path / CONFIG).is_file() and latest.is_file():
         name = latest.read_text().strip()
@@ -127,7 +135,8 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, object | None]:
-    """(model in eval mode, tokenizer or None) from a model folder, a run folder or a HF GPT-2 folder."""
+    """(model in eval mode, tokenizer or None) from a model folder, a run folder, a HF GPT-2 folder
+    or a model folder's model.safetensors."""
     from scratchllm.weights.hf import load_hf_gpt2, load_hf_tokenizer, read_json, read_safetensors
 
     folder = resolve_model_dir(path)
