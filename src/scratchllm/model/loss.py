@@ -27,6 +27,25 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _lse_and_grad(logits: torch.Tensor, t: torch.Tensor, row_scale: torch.Tensor, need_grad: bool):
+    """logsumexp of each row of the fp32 logits (n, V), and when asked the gradient of the loss with
+    respect to them, (softmax - onehot(t)) * row_scale. Eager mode reuses the logits' memory (they are
+    overwritten) and makes no other (n, V) tensor; under torch.compile it is one fused expression."""
+    if torch.compiler.is_compiling():
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        if not need_grad:
+            return lse, None
+        onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == t  # (n, V)
+        return lse, (torch.exp(logits - lse[:, None]) - onehot.float()) * row_scale
+    m = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    e = logits.sub_(m).exp_()  # (n, V) exp(logit - max), in place
+    total = e.sum(dim=-1, keepdim=True)  # (n, 1)
+    lse = (m + total.log())[:, 0]  # (n,)
+    if not need_grad:
+        return lse, None
+    return lse, e.mul_(row_scale / total).scatter_add_(1, t, -row_scale)  # softmax * s - onehot * s
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, reduction, chunk_rows, dtype, need_grad):
@@ -43,13 +62,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[rows].clamp(min=0)[:, None]  # (n, 1), ignored rows point at class 0
             keep = valid[rows]  # (n,)
             logits = (xc[rows] @ wc.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            loss += ((lse - logits.gather(1, t)[:, 0]) * keep).sum()
+            target_logit = logits.gather(1, t)[:, 0]  # (n,), read before the logits are overwritten
+            row_scale = (keep.float() * scale)[:, None]  # (n, 1): ignored rows contribute nothing
+            lse, g = _lse_and_grad(logits, t, row_scale, need_grad)
+            loss += ((lse - target_logit) * keep).sum()
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place over the logits
-                probs.scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))  # minus onehot
-                probs.mul_((keep.float() * scale)[:, None])  # ignored rows contribute nothing
-                g = probs.to(dtype)  # (n, V) d loss / d logits
+                g = g.to(dtype)  # (n, V) d loss / d logits
                 grad_x[rows] = (g @ wc).to(x.dtype)  # (n, C)
                 if dtype == torch.float32:
                     torch.addmm(grad_w, g.T, xc[rows], out=grad_w)  # (V, C), accumulated in place
