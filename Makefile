@@ -34,7 +34,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/tokenizer.py
+	for b in tokenizer prepare generate train model_step; do \
+		echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
