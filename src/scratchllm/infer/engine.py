@@ -74,8 +74,8 @@ def text_deltas(tokens: Iterable[int], detok: Detokenizer) -> Iterator[str]:
 class Engine:
     def __init__(self, model, tokenizer=None, pack: bool | None = None, n_valid: int | None = None):
         """pack: run a copy of the model with oneDNN-packed Linear weights (see packed.py); None = do so
-        where it is supported (CPU, fp32/bf16). The copy snapshots the weights: make a new Engine
-        after changing the model.
+        for bf16 models on the CPU, where it is faster (in fp32 it measured slower: docs/benchmarks.md).
+        The copy snapshots the weights: make a new Engine after changing the model.
         n_valid: only ids < n_valid are ever sampled (the rest are padding rows of the output layer);
         None = the tokenizer's vocab_size, or every id of the model when there is no tokenizer."""
         self.model = model.eval()
@@ -95,7 +95,9 @@ class Engine:
         if pack and not can_pack(model):
             raise ScratchError(f"pack=True needs a CPU model in fp32 or bf16 with oneDNN support; this one is "
                                f"{self.dtype} on {self.device}")
-        self.runner = packed_copy(self.model) if (can_pack(model) if pack is None else pack) else self.model
+        if pack is None:
+            pack = self.dtype == torch.bfloat16 and can_pack(model)
+        self.runner = packed_copy(self.model) if pack else self.model
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -3,8 +3,8 @@
 What it does: decoding one token multiplies a single row by every weight matrix, so it is bound by how
 fast the weights stream from memory. On CPUs, `F.linear` re-lays out bf16 weights for oneDNN on every
 call; packing them once (the same thing `torch.compile` does with `freezing=True`, without the compile
-time) made the weight matmuls of GPT-2 124M about 1.6x faster in bf16 and 1.2x in fp32 on this
-project's dev box. `packed_copy(model)` returns a structural copy of the model in which every plain
+time) made bf16 decoding of GPT-2 124M about 1.3x faster on this project's dev box (fp32 was about
+1.2x slower, so the Engine packs bf16 models only; docs/benchmarks.md). `packed_copy(model)` returns a structural copy of the model in which every plain
 `nn.Linear` is a `PackedLinear` (same math, bias included); all other modules and parameters are
 shared with the original, which is left untouched.
 What it does not do: training (the packed weights are a snapshot: re-pack after changing the model),
