@@ -7,7 +7,8 @@ GPT2LMHeadModel (fused AdamW, same clipping) in every setting asked for (precisi
 and prints tokens/s, MFU against the ceiling of the precision used, and ours/HF for the best
 setting of each. Sizes: S (6 layers, 6 heads, 384 dims, block 256, vocab 50304, batch 8) and GPT-2
 124M (block 256, batch 4). Step time is the median over the timed steps after warm-up (and after
-compilation). What it does not do: data loading (synthetic batches) or evaluation.
+compilation). Each setting runs in a fresh process: in one long process the order of the settings
+moved a setting's time by up to 1.5x (allocator and cache state left by the one before). What it does not do: data loading (synthetic batches) or evaluation.
 
     python benchmarks/train.py --quick                         # S only, a few steps, 2 settings
     python benchmarks/train.py --sizes s gpt2 --settings fp32 bf16 bf16+compile
@@ -17,7 +18,9 @@ compilation). What it does not do: data loading (synthetic batches) or evaluatio
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,6 +109,20 @@ def hf(fields, B, precision, compile_, device, warmup, steps) -> float:
     return time_steps(step, device, warmup, steps)
 
 
+def runners_seconds(impl, setting, fields, B, device, warmup, steps) -> float:
+    precision, compile_ = setting.split("+")[0], setting.endswith("+compile")
+    return {"ours": ours, "hf": hf}[impl](fields, B, precision, compile_, device, warmup, steps)
+
+
+def in_subprocess(impl, setting, size, args) -> float:
+    cmd = [sys.executable, __file__, "--worker", impl, setting, size, "--device", args.device,
+           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip())
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", default=["s", "gpt2"], choices=list(SIZES))
@@ -116,7 +133,16 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="S only, 3 steps, fp32 and bf16 (no compile)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every setting in this process (default: each in a fresh one, so that one "
+                         "setting's allocations and compiled code cannot slow or speed up the next)")
+    ap.add_argument("--worker", nargs=3, metavar=("IMPL", "SETTING", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:  # child process: time one setting, print its seconds per step
+        impl, setting, size = args.worker
+        fields, B = SIZES[size]
+        print(json.dumps(runners_seconds(impl, setting, fields, B, args.device, args.warmup, args.steps)))
+        return 0
     if args.quick:
         args.sizes, args.steps, args.warmup, args.settings = ["s"], 3, 1, ["fp32", "bf16"]
     dev = args.device
@@ -125,7 +151,6 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
     print(f"matmul ceilings: fp32 {ceilings['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {ceilings['bf16'] / 1e9:,.0f} GFLOP/s")
-    runners = {"ours": ours, "hf": hf}
     for size in args.sizes:
         fields, B = SIZES[size]
         T = fields["block_size"]
@@ -134,11 +159,14 @@ def main(argv=None) -> int:
         best = {}
         for impl in args.impls:
             for setting in args.settings:
-                precision, compile_ = setting.split("+")[0], setting.endswith("+compile")
+                precision = setting.split("+")[0]
                 try:
-                    dt = runners[impl](fields, B, precision, compile_, dev, args.warmup, args.steps)
+                    if args.in_process:
+                        dt = runners_seconds(impl, setting, fields, B, dev, args.warmup, args.steps)
+                    else:
+                        dt = in_subprocess(impl, setting, size, args)
                 except Exception as e:  # a setting this machine cannot run: report it, keep going
-                    print(f"{impl:5s} {setting:14s} failed: {type(e).__name__}: {str(e)[:120]}")
+                    print(f"{impl:5s} {setting:14s} failed: {type(e).__name__}: {str(e)[-300:]}")
                     continue
                 tps = B * T / dt
                 mfu = tps * flops / ceilings[precision]
