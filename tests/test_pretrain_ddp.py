@@ -71,8 +71,11 @@ def test_fsdp_matches_single_process_and_resumes(inputs, single, tmp_path):
     assert_close_curves(losses(single), losses(out))
     final = load_file(str(out / "step_0000004" / "model.safetensors"))
     reference = load_file(str(single / "step_0000004" / "model.safetensors"))
+    # weights after 4 Adam steps at lr 1e-2: reduce-scatter sums in another order than one process,
+    # and Adam divides by the gradient's own size, so where a gradient is tiny (rows of bytes the
+    # corpus never has) that rounding shows up as up to ~1e-3 of lr; the losses above agree to 1e-5
     for k in reference:
-        torch.testing.assert_close(final[k], reference[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(final[k], reference[k], rtol=1e-4, atol=5e-5)
     stale = out / "step_0000004" / "model.safetensors"  # the rewound run must write step 4 anew
     save_file({k: torch.zeros_like(v) for k, v in final.items()}, str(stale))
     torchrun("--resume", str(out / "step_0000002"))  # rewind to step 2 and train steps 3-4 again
