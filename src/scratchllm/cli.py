@@ -273,7 +273,7 @@ def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job of `make demo` (offline, a few minutes on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (default: runs/demo)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size")
-    p.add_argument("--max-steps", type=int, default=300, help="pretraining steps (2048 tokens each)")
+    p.add_argument("--max-steps", type=int, default=1500, help="pretraining steps (2048 tokens each)")
     p.set_defaults(func=_demo)
 
 

@@ -106,7 +106,7 @@ def run(args) -> int:
     flags = ["pretrain", "--data", str(out / "shards"), "--tokenizer", str(out / "tokenizer"), "--model-preset", "tiny",
              "--out", str(run_dir), "--overwrite", "--max-steps", str(steps), "--batch-size", "16",
              "--block-size", "128", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", str(max(1, steps // 20)),
-             "--eval-every", str(max(1, steps // 5)), "--eval-batches", "8", "--checkpoint-every", "0",
+             "--eval-every", str(max(1, steps // 10)), "--eval-batches", "8", "--checkpoint-every", "0",
              "--sample-every", "0", "--precision", "fp32", "--seed", str(seed), "--device", "cpu"]
     pargs = build_parser().parse_args(flags)
     if pargs.func(pargs):
