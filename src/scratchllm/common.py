@@ -6,6 +6,7 @@ Nothing here imports torch at module load, so the tokenizer and the CLI's `--hel
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -151,6 +152,17 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Parse a JSON file; an unreadable file or bad JSON raises ScratchError naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ScratchError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScratchError(f"{path}: not valid JSON ({e})") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

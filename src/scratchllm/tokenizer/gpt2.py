@@ -14,11 +14,10 @@ bytes; the rank of a token is its id. The merges in `vocab.bpe` are checked agai
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import lru_cache
 from pathlib import Path
 
-from scratchllm.common import ScratchError
+from scratchllm.common import ScratchError, read_json
 from scratchllm.tokenizer.bpe import PATTERNS
 from scratchllm.tokenizer.tokenizer import EOT, Tokenizer, read_ranks_file
 
@@ -46,19 +45,10 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ScratchError(f"cannot read {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ScratchError(f"{path}: not valid JSON ({e})") from None
-
-
 def from_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenizer:
     """Build GPT-2's tokenizer from `encoder.json` (token string -> id) and `vocab.bpe` (the merges)."""
     encoder_json, vocab_bpe = Path(encoder_json), Path(vocab_bpe)
-    encoder = _read_json(encoder_json)
+    encoder = read_json(encoder_json)
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     ranks, specials = {}, {}
     for token, idx in encoder.items():

@@ -137,7 +137,8 @@ def resolve_model_dir(path: str | Path) -> Path:
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, object | None]:
     """(model in eval mode, tokenizer or None) from a model folder, a run folder, a HF GPT-2 folder
     or a model folder's model.safetensors."""
-    from scratchllm.weights.hf import load_hf_gpt2, load_hf_tokenizer, read_json, read_safetensors
+    from scratchllm.common import read_json
+    from scratchllm.weights.hf import load_hf_gpt2, load_hf_tokenizer, read_safetensors
 
     folder = resolve_model_dir(path)
     config_dict = read_json(folder / CONFIG)

@@ -50,9 +50,10 @@ def model_info(args) -> int:
 
 def read_config(path: str | Path):
     """The ModelConfig of a model folder, run folder or HF GPT-2 folder, without reading the weights."""
+    from scratchllm.common import read_json
     from scratchllm.model.config import ModelConfig
     from scratchllm.weights.checkpoint import CONFIG, resolve_model_dir
-    from scratchllm.weights.hf import config_from_hf, read_json
+    from scratchllm.weights.hf import config_from_hf
 
     folder = resolve_model_dir(path)
     d = read_json(folder / CONFIG)

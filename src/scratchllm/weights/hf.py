@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scratchllm.common import ScratchError, atomic_dir
+from scratchllm.common import ScratchError, atomic_dir, read_json
 from scratchllm.model import GPT, ModelConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -106,15 +106,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ScratchError(f"{path}: cannot read safetensors file ({e})") from None
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ScratchError(f"cannot read {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ScratchError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_hf_gpt2(path: str | Path, device="cpu") -> GPT:
