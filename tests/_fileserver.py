@@ -7,6 +7,8 @@ request, and can misbehave on purpose:
   corrupt.add(path)     serves the bytes with one byte flipped (a corrupted mirror)
   ignore_range = True   answers 200 with the whole body even when a Range is asked for
   wrong_range = True    answers a Range request with 206 but the whole body from byte 0
+  head_headers[path]    a HEAD request for `path` is answered like the Hugging Face hub's `resolve`
+                        URLs: a 302 carrying these headers (e.g. X-Linked-Etag); other HEADs get 404
 
     with FileServer({"/a.txt": b"hello"}) as srv:
         urllib.request.urlopen(srv.url + "/a.txt").read()
@@ -25,12 +27,29 @@ class FileServer:
         self.corrupt: set[str] = set()
         self.ignore_range = False
         self.wrong_range = False
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header) of each GET
+        self.head_headers: dict[str, dict[str, str]] = {}
+        self.heads: list[str] = []  # paths of HEAD requests
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep test output clean
                 pass
+
+            def do_HEAD(self):
+                path = self.path.split("?")[0]
+                server.heads.append(path)
+                if path not in server.head_headers:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(302)
+                for k, v in server.head_headers[path].items():
+                    self.send_header(k, v)
+                self.send_header("Location", path + "?cdn=1")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def do_GET(self):
                 path = self.path.split("?")[0]

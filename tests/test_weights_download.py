@@ -103,3 +103,23 @@ def test_missing_file_on_the_server_is_a_clear_error(tiny_files, tmp_path, monke
         monkeypatch.setenv("SCRATCHLLM_MIRROR", srv.url)
         assert main(["download", "gpt2", "--size", "774M", "--dest", str(tmp_path / "g"), "--quiet"]) == 2
     assert "HTTP 404" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("published", ["right", "wrong"])
+def test_size_without_a_known_checksum_uses_the_hubs_published_sha256(tiny_files, tmp_path, monkeypatch, capsys,
+                                                                      published):
+    _, files = tiny_files
+    data = files["model.safetensors"]
+    sha = hashlib.sha256(data if published == "right" else data + b"x").hexdigest()
+    assert ("355M", "model.safetensors") not in commands.GPT2_CHECKS  # nothing known here for 355M
+    with serve(files, "openai-community/gpt2-medium") as srv:
+        srv.head_headers[WEIGHTS_355M] = {"X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))}
+        monkeypatch.setenv("SCRATCHLLM_MIRROR", srv.url)
+        monkeypatch.setenv("SCRATCHLLM_CACHE", str(tmp_path / "cache"))
+        code = main(["download", "gpt2", "--size", "355M", "--quiet"])
+        assert WEIGHTS_355M in srv.heads  # the hub was asked
+    weights = tmp_path / "cache" / "models" / "openai-community" / "gpt2-medium" / "model.safetensors"
+    if published == "right":
+        assert code == 0 and weights.read_bytes() == data
+    else:
+        assert code == 2 and "failed its check" in capsys.readouterr().err and not weights.exists()

@@ -21,8 +21,9 @@ GPT2_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
 # (size, sha256) of files we could check. vocab.json and merges.txt are byte-identical to OpenAI's
 # encoder.json / vocab.bpe (verified here against those files). The 124M config.json and
 # model.safetensors values come from two independent public manifests of openai-community/gpt2
-# (revision 607a30d7), not from a download on this machine. Larger sizes: no checksum known here;
-# their weights are still checked key by key and shape by shape when loaded.
+# (revision 607a30d7), not from a download on this machine. Larger sizes: no checksum known here, so
+# the hub's published one is used (`published_checksum`); their weights are also checked key by key
+# and shape by shape when loaded.
 GPT2_CHECKS = {
     ("124M", "config.json"): (665, "0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4"),
     ("124M", "model.safetensors"): (548105171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
@@ -65,16 +66,18 @@ def read_config(path: str | Path):
 def download_gpt2(size: str = "124M", dest: str | Path | None = None, progress: bool = True) -> Path:
     """Fetch config.json, vocab.json, merges.txt and model.safetensors of an OpenAI GPT-2 from the
     Hugging Face hub's URL layout (through $SCRATCHLLM_MIRROR when set) into dest (default: the cache)."""
-    from scratchllm.weights.download import cache_dir, download
+    from scratchllm.weights.download import cache_dir, download, published_checksum, resolve_url
 
     if size not in GPT2_REPOS:
         raise ScratchError(f"unknown GPT-2 size {size!r}: choose one of {', '.join(GPT2_REPOS)}")
     repo = GPT2_REPOS[size]
     dest = Path(dest).expanduser() if dest else cache_dir() / "models" / repo
     for name in GPT2_FILES:
+        url = HF_URL.format(repo=repo, file=name)
         size_bytes, sha256 = GPT2_CHECKS.get((size, name)) or GPT2_CHECKS.get(("*", name)) or (None, None)
-        download(HF_URL.format(repo=repo, file=name), dest / name, sha256=sha256, size=size_bytes,
-                 progress=progress)
+        if sha256 is None and not (dest / name).is_file():  # not known here: ask the hub for its sha256
+            size_bytes, sha256 = published_checksum(resolve_url(url))
+        download(url, dest / name, sha256=sha256, size=size_bytes, progress=progress)
     return dest
 
 

@@ -157,6 +157,36 @@ def _fetch_once(source: str, part: Path, size: int | None, progress: bool, timeo
                 bar.close()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # keep the 3xx answer: its headers are what we want
+        return None
+
+
+def published_checksum(url: str, timeout: float = 30.0) -> tuple[int | None, str | None]:
+    """(size, sha256) that a Hugging Face hub publishes for a large (LFS) file: a HEAD request to its
+    `resolve` URL, redirect not followed, answers with `X-Linked-Size` and `X-Linked-Etag` (the file's
+    sha256). (None, None) when the server gives no such headers (a plain mirror, a small file) or
+    cannot be asked (a mirror folder, a network error: the download itself will report that).
+
+    >>> published_checksum("/a/mirror/folder/model.safetensors")
+    (None, None)
+    """
+    if not url.startswith(("http://", "https://")):
+        return None, None
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT})
+    try:
+        resp = urllib.request.build_opener(_NoRedirect).open(req, timeout=timeout)
+    except urllib.error.HTTPError as e:  # a 3xx that was not followed arrives as an HTTPError
+        resp = e
+    except (OSError, http.client.HTTPException):
+        return None, None
+    with resp:
+        sha = (resp.headers.get("X-Linked-Etag") or "").strip().removeprefix("W/").strip('"').lower()
+        size = (resp.headers.get("X-Linked-Size") or "").strip()
+    sha_ok = len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+    return (int(size) if size.isdigit() else None), (sha if sha_ok else None)
+
+
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size: int | None = None,
              progress: bool = True, retries: int = 3, timeout: float = 30.0, force: bool = False,
              source: str | None = None) -> Path:
