@@ -24,6 +24,7 @@ import time
 import torch
 
 from scratchllm.infer.engine import Engine
+from scratchllm.infer.packed import can_pack
 from scratchllm.model import GPT, ModelConfig
 from scratchllm.weights.hf import config_to_hf, state_dict_to_hf
 
@@ -102,8 +103,10 @@ def main(argv=None) -> None:
         model, hf = model.to(dtype), hf.to(dtype)
         ours = Engine(model)  # its default: oneDNN-packed weights for bf16, plain for fp32
         packed = ours.runner is not ours.model
-        settings = {"ours": ours, "ours-unpacked" if packed else "ours-packed": Engine(model, pack=not packed),
-                    "transformers": hf}
+        settings = {"ours": ours}
+        if packed or can_pack(model):  # the other packing, where this torch build has oneDNN
+            settings["ours-unpacked" if packed else "ours-packed"] = Engine(model, pack=not packed)
+        settings["transformers"] = hf
         for who, target in settings.items():
             run = run_hf if who == "transformers" else run_ours
             results[(who, name)] = ms_per_token(run, target, prompt, n, repeats)

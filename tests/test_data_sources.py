@@ -104,6 +104,10 @@ def test_jsonl_fields_and_line_numbered_errors(tmp_path):
     k.write_text('{"text": 5}\n')
     with pytest.raises(ScratchError, match=r"k.jsonl:1: field 'text' is a int"):
         texts([k])
+    n = tmp_path / "n.jsonl"
+    n.write_text('{"text": null}\n{"text": "kept"}\n')  # a null is an empty document, as in Parquet
+    stats = SourceStats()
+    assert texts([n], stats=stats) == ["kept"] and stats.empty_documents == 1
 
 
 def test_parquet(tmp_path):

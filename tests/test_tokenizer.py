@@ -164,6 +164,9 @@ def test_load_errors(trained, tmp_path):
     (d / "tokenizer.json").write_text("{not json")
     with pytest.raises(ScratchError, match="not valid JSON"):
         Tokenizer.load(d)
+    (d / "tokenizer.json").write_text("[1]")
+    with pytest.raises(ScratchError, match="tokenizer.json: expected a JSON object"):
+        Tokenizer.load(d)
     with pytest.raises(ScratchError, match="not a tokenizer folder"):
         Tokenizer.load(tmp_path)
     bad = tmp_path / "bad.tiktoken"
@@ -215,6 +218,11 @@ def test_truncated_or_gapped_tiktoken_files(shared_data, tmp_path):
     gapped.write_bytes(b"".join(lines[:256] + lines[300:301]))  # ranks 0..255, then 299
     with pytest.raises(ScratchError, match="rank 256 is missing"):
         from_tiktoken_file(gapped)
+    # a hole that a special token fills is fine: p50k_base keeps id 50256 for <|endoftext|>
+    holed = tmp_path / "holed.tiktoken"
+    holed.write_bytes(b"".join(lines[:256] + [lines[256].replace(b" 256", b" 257")]))
+    tok = from_tiktoken_file(holed, special_tokens={"<|endoftext|>": 256})
+    assert tok.vocab_size == 258 and tok.encode("<|endoftext|>", allowed_special="all") == [256]
 
 
 def test_bad_constructor_inputs(trained):

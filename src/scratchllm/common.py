@@ -155,14 +155,18 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False):
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    """Parse a JSON file; an unreadable file or bad JSON raises ScratchError naming the file."""
+    """Parse a JSON file holding one object; an unreadable file, bad JSON or another kind of value
+    raises ScratchError naming the file."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ScratchError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ScratchError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ScratchError(f"{path}: expected a JSON object {{...}}, got a {type(obj).__name__}")
+    return obj
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

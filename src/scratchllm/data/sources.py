@@ -2,7 +2,8 @@
 
 Inputs (mixed freely; `iter_documents` takes a list):
   a file           .jsonl (one JSON object per line, `text_field`), .parquet (column `text_field`,
-                   needs pyarrow; nulls count as empty documents), anything else is UTF-8 text: one
+                   needs pyarrow) -- in both a null text counts as an empty document -- and
+                   anything else is UTF-8 text: one
                    document per file, or several when the file separates them with `<|endoftext|>`
                    (as TinyStories does)
   a folder         every .txt/.md/.rst/.text/.jsonl/.parquet file under it, recursively, sorted;
@@ -127,17 +128,14 @@ def _read_jsonl(path: Path, text_field: str, errors: str, stats: SourceStats) ->
                 keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
                 raise ScratchError(f"{where}: no field {text_field!r} (found {keys}); choose the field "
                                    "with --text-field")
-            value = obj[text_field]
-            if not isinstance(value, str):
-                raise ScratchError(f"{where}: field {text_field!r} is a {type(value).__name__}, not a string")
-            yield value, where
+            yield from _checked(obj[text_field], where, text_field, stats)
     stats.sources.append({"path": str(path), "sha256": h.hexdigest(), "bytes": offset})
     if nonblank == 0:
         stats.empty_files += 1
 
 
 def _checked(value, where: str, text_field: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
-    """One Parquet/HF value: a string is yielded, a null is counted as an empty document, anything
+    """One JSONL/Parquet/HF value: a string is yielded, a null is counted as an empty document, anything
     else is an error naming the row and the field.
 
     >>> list(_checked("hi", "t.parquet:row 0", "text", SourceStats()))

@@ -7,7 +7,7 @@ streamed as it is produced with --stream. The model's `<|endoftext|>` token stop
 tokens/s) goes to stderr.
 What it does not do: chat templates or serving (see serve/).
 
-    scratchllm generate --model runs/demo/model --prompt "Once upon a time" --max-new-tokens 50 --stream
+    scratchllm generate --model runs/demo/run --prompt "Once upon a time" --max-new-tokens 50 --stream
     scratchllm generate --model gpt2-folder/ --prompt "Hello" --temperature 0.7 --top-p 0.9 --seed 1 --stop '\\n\\n'
 """
 

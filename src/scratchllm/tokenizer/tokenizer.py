@@ -28,7 +28,7 @@ from pathlib import Path
 import regex
 import tiktoken
 
-from scratchllm.common import ScratchError, atomic_dir
+from scratchllm.common import ScratchError, atomic_dir, read_json
 from scratchllm.tokenizer.bpe import PATTERNS, bpe_encode_reference
 
 FORMAT_VERSION = 1
@@ -89,13 +89,14 @@ class Tokenizer:
         if len(set(ids)) != len(ids):
             raise ScratchError("two tokens share one rank in the ranks table")
         check_special_tokens(self.special_tokens)
-        if sorted(ids) != list(range(len(ids))):
-            gap = next(i for i, r in enumerate(sorted(ids)) if i != r)
-            raise ScratchError(f"the ranks are not 0..{len(ids) - 1}: rank {gap} is missing (a damaged or "
-                               "edited ranks table)")
         bad = {k: v for k, v in self.special_tokens.items() if not isinstance(v, int) or isinstance(v, bool)}
         if bad:
             raise ScratchError(f"special token ids must be integers, got {bad}")
+        # every id below the largest rank is a token or a special token (p50k_base keeps 50256 for one)
+        holes = sorted(set(range(max(ids) + 1)) - set(ids) - set(self.special_tokens.values()))
+        if holes:
+            raise ScratchError(f"rank {holes[0]} is missing ({len(holes)} id(s) below the largest rank are neither "
+                               "a token nor a special token): a damaged or edited ranks table")
         clash = set(self.special_tokens.values()) & set(ids)
         if clash:
             raise ScratchError(f"special token ids {sorted(clash)[:5]} collide with regular token ids")
@@ -272,10 +273,7 @@ class Tokenizer:
         meta_path = directory / "tokenizer.json"
         if not meta_path.is_file():
             raise ScratchError(f"{directory} is not a tokenizer folder: {meta_path.name} is missing")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ScratchError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = read_json(meta_path)
         version = meta.get("format_version")
         if not isinstance(version, int):
             raise ScratchError(f"{meta_path}: field 'format_version' is missing or not an integer")

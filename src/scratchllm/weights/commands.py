@@ -5,7 +5,7 @@ and prints the results. What it does not do: any of the math or the conversions 
 
     scratchllm model info --preset gpt2 --batch 8 --block 1024
     scratchllm download gpt2 --size 124M --dest models/gpt2
-    scratchllm export --model runs/demo --format hf --out out/hf
+    scratchllm export --model runs/demo/run --format hf --out out/hf
 """
 
 from __future__ import annotations
