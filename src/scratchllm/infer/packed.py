@@ -4,9 +4,9 @@ What it does: decoding one token multiplies a single row by every weight matrix,
 fast the weights stream from memory. On CPUs, `F.linear` re-lays out bf16 weights for oneDNN on every
 call; packing them once (the same thing `torch.compile` does with `freezing=True`, without the compile
 time) made bf16 decoding of GPT-2 124M about 1.3x faster on this project's dev box (fp32 was about
-1.2x slower, so the Engine packs bf16 models only; docs/benchmarks.md). `packed_copy(model)` returns a structural copy of the model in which every plain
-`nn.Linear` is a `PackedLinear` (same math, bias included); all other modules and parameters are
-shared with the original, which is left untouched.
+1.2x slower, so the Engine packs bf16 models only; docs/benchmarks.md). `packed_copy(model)` returns
+a structural copy of the model in which every plain `nn.Linear` is a `PackedLinear` (same math, bias
+included); all other modules and parameters are shared with the original, which is left untouched.
 What it does not do: training (the packed weights are a snapshot: re-pack after changing the model),
 GPUs (there cuBLAS needs no packing), or quantization (numbers are the dtype's, as with F.linear).
 

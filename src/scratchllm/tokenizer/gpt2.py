@@ -85,14 +85,19 @@ def from_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenize
 def from_tiktoken_file(path: str | Path, pattern: str = "gpt2", special_tokens: dict[str, int] | None = None,
                        name: str | None = None) -> Tokenizer:
     """Build a tokenizer from a `.tiktoken` ranks file. Defaults fit GPT-2's `r50k_base.tiktoken`."""
-    ranks = read_ranks_file(path)
-    if Path(path).name == "r50k_base.tiktoken":  # GPT-2's published file: a truncated copy is caught here
-        if hashlib.sha256(Path(path).read_bytes()).hexdigest() != R50K_SHA256:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ScratchError(f"cannot read ranks file {path}: {e.strerror}") from None
+    ranks = read_ranks_file(path, data)
+    if path.name == "r50k_base.tiktoken":  # GPT-2's published file: a truncated copy is caught here
+        if hashlib.sha256(data).hexdigest() != R50K_SHA256:
             raise ScratchError(f"{path} is not OpenAI's r50k_base.tiktoken: its sha256 differs from "
                                f"{R50K_SHA256} (truncated or edited?)")
     if special_tokens is None:
         special_tokens = {EOT: max(ranks.values()) + 1}
-    return Tokenizer(ranks, pattern, special_tokens, name=name or Path(path).stem)
+    return Tokenizer(ranks, pattern, special_tokens, name=name or path.stem)
 
 
 def gpt2_tokenizer() -> Tokenizer:
