@@ -3,6 +3,7 @@ back to the text, is identical with 1 or 2 workers, splits validation by the doc
 truncates ids, refuses a foreign tokenizer, and leaves nothing behind on Ctrl-C."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,14 @@ from hypothesis import strategies as st
 import scratchllm.data.shards as shards_mod
 from scratchllm.cli import main
 from scratchllm.common import ScratchError
-from scratchllm.data.shards import open_shards, prepare, report, split_for_encoding, token_dtype
+from scratchllm.data.shards import (
+    open_shards,
+    prepare,
+    report,
+    shard_tokenizer,
+    split_for_encoding,
+    token_dtype,
+)
 from scratchllm.data.sources import iter_documents
 from scratchllm.tokenizer import PATTERNS, Tokenizer, load_tokenizer
 
@@ -145,6 +153,47 @@ def test_fingerprint_mismatch_and_damaged_folders(shared_data, tmp_path):
     (tmp_path / "s" / "index.json").write_text('{"dtype": "uint16", ')  # cut off mid-write
     with pytest.raises(ScratchError, match=r"s/index.json is damaged \(JSONDecodeError.*prepare. again"):
         open_shards(tmp_path / "s")
+
+
+def test_the_folder_remembers_its_tokenizer(shared_data, tmp_path):
+    """GPT-2 by name, any other tokenizer as a copy in tokenizer/; checked by fingerprint on loading."""
+    from scratchllm.tokenizer import train_bpe
+
+    book = [str(shared_data / "the-verdict.txt")]
+    prepare(book, "gpt2", tmp_path / "g", progress=False)
+    assert not (tmp_path / "g" / "tokenizer").exists()  # the name is enough: index.json spec "gpt2"
+    assert shard_tokenizer(tmp_path / "g") == load_tokenizer("gpt2")
+
+    trained = train_bpe([(shared_data / "the-verdict.txt").read_text()], vocab_size=300,
+                        special_tokens=["<|endoftext|>"], name="verdict300")
+    trained.save(tmp_path / "tok")
+    prepare(book, str(tmp_path / "tok"), tmp_path / "s", progress=False)
+    prepare(book, trained, tmp_path / "m", progress=False)  # an in-memory Tokenizer is kept the same way
+    for sub in ("tok", "s/tokenizer", "m/tokenizer"):
+        assert {p.name for p in (tmp_path / sub).iterdir()} == {"ranks.tiktoken", "tokenizer.json", "vocab.txt"}
+    assert (tmp_path / "s" / "tokenizer").stat().st_mode & 0o777 == (tmp_path / "s").stat().st_mode & 0o777
+    (tmp_path / "tok" / "ranks.tiktoken").unlink()  # the shard folder does not need the original
+    for name in ("s", "m"):
+        tok = shard_tokenizer(tmp_path / name)
+        assert tok == trained and tok.name == "verdict300"
+        assert open_shards(tmp_path / name, tokenizer=tok).train_tokens == index_tokens(tmp_path / name)
+    with pytest.raises(ScratchError, match="made with tokenizer 'verdict300'.*not with 'gpt2'"):
+        open_shards(tmp_path / "s", tokenizer="gpt2")  # a mismatching explicit tokenizer stays refused
+
+    index = json.loads((tmp_path / "m" / "index.json").read_text())
+    index["tokenizer"]["fingerprint"] = load_tokenizer("gpt2").fingerprint()
+    (tmp_path / "m" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ScratchError, match=r"m/tokenizer \(fingerprint .*\) is not the tokenizer .*damaged"):
+        shard_tokenizer(tmp_path / "m")
+
+    # a folder from before: no tokenizer/ (index.json spec: the folder's path then); still opens
+    shutil.rmtree(tmp_path / "s" / "tokenizer")
+    assert shard_tokenizer(tmp_path / "s") is None
+    assert open_shards(tmp_path / "s").train_tokens == index_tokens(tmp_path / "s")
+
+
+def index_tokens(folder):
+    return json.loads((folder / "index.json").read_text())["train_tokens"]
 
 
 def test_a_tokenizer_without_endoftext_is_refused(shared_data, tmp_path):

@@ -6,6 +6,11 @@ and `index.json` (dtype, token counts, shard names, tokenizer name + fingerprint
 options, and which validation rule applied). Every document is followed by the tokenizer's
 `<|endoftext|>` id, so documents never run into each other; a tokenizer without one is refused.
 
+The folder remembers its tokenizer, so that training needs no `--tokenizer`: GPT-2's by name (index.json
+`tokenizer.spec` is "gpt2"; its files come from tiktoken's cache), any other as a copy in `tokenizer/`
+(`Tokenizer.save`). `shard_tokenizer(folder)` loads it, checked against the fingerprint; folders made
+before this return None.
+
 Validation split, deterministic: document i (counted after cleaning) goes to validation when
 floor((i+1)*f) > floor(i*f), i.e. every 1/f-th document. When that picks no document (a corpus of one
 book, as in the book's chapter 5), the last round(f * tokens) tokens of the stream become validation
@@ -20,6 +25,7 @@ temporary folder renamed into place at the end: Ctrl-C leaves nothing half-writt
 
     >>> index = prepare(["book.txt"], "gpt2", "shards/", val_fraction=0.1)   # doctest: +SKIP
     >>> ds = open_shards("shards/"); ds.train[0][:5]                         # doctest: +SKIP
+    >>> tok = shard_tokenizer("shards/")                                     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -36,12 +42,16 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from scratchllm import __version__
 from scratchllm.common import Progress, ScratchError, atomic_dir, atomic_write_text, print0
 from scratchllm.data.sources import SourceStats, expand_inputs, iter_documents
+
+if TYPE_CHECKING:
+    from scratchllm.tokenizer import Tokenizer
 
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
 CHUNK_CHARS = 1 << 18  # characters per tokenization task (pieces of long documents, or many short ones)
@@ -259,10 +269,14 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
             "options": {"val_fraction": val_fraction, "shard_tokens": shard_tokens, **source_options},
             "seconds": round(time.perf_counter() - start, 3),
         }
+        if spec != "gpt2":  # GPT-2 is remembered by name; any other tokenizer is kept as a copy
+            tok.save(tmp / "tokenizer")
         atomic_write_text(tmp / "index.json", json.dumps(index, indent=1) + "\n")
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # temp folders are private; the result is an ordinary folder
+        for folder in (tmp, tmp / "tokenizer"):  # temp folders are private; the result is an ordinary folder
+            if folder.is_dir():
+                os.chmod(folder, 0o777 & ~umask)
         os.chmod(tmp / "index.json", 0o666 & ~umask)
     return index
 
@@ -335,10 +349,8 @@ class ShardSet:
         return self.index["val_tokens"]
 
 
-def open_shards(path: str | Path, tokenizer=None) -> ShardSet:
-    """Memory-map a folder made by `prepare` (constant memory however large). With `tokenizer` (a
-    Tokenizer, folder or "gpt2"), refuse shards made with a different tokenizer (fingerprint check)."""
-    path = Path(path)
+def _read_index(path: Path) -> tuple[dict, np.dtype, dict]:
+    """(index, dtype, {split: (shard names, token counts)}) of a shard folder; ScratchError if damaged."""
     index_file = path / "index.json"
     if not index_file.is_file():
         raise ScratchError(f"{path} has no index.json; make a shard folder with `scratchllm prepare`")
@@ -348,6 +360,42 @@ def open_shards(path: str | Path, tokenizer=None) -> ShardSet:
         names = {s: (index[f"{s}_shards"], index[f"{s}_shard_tokens"]) for s in ("train", "val")}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ScratchError(f"{index_file} is damaged ({type(e).__name__}: {e}); run `scratchllm prepare` again") from None
+    return index, dtype, names
+
+
+def shard_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer a shard folder was made with (a Tokenizer), or None when the folder does not hold
+    it (made by an older scratchllm, before shard folders remembered their tokenizer).
+
+    Its copy in `tokenizer/` when there is one, else GPT-2's when index.json names "gpt2" as the spec;
+    either must have the fingerprint index.json recorded, else the folder is damaged (ScratchError).
+
+        >>> shard_tokenizer("shards/").name                                  # doctest: +SKIP
+        'gpt2'
+    """
+    from scratchllm.tokenizer import Tokenizer, load_tokenizer
+
+    path = Path(path)
+    made = _read_index(path)[0].get("tokenizer") or {}
+    if (path / "tokenizer").is_dir():
+        tok, where = Tokenizer.load(path / "tokenizer"), str(path / "tokenizer")
+    elif made.get("spec") == "gpt2":
+        tok, where = load_tokenizer("gpt2"), "GPT-2's tokenizer"
+    else:
+        return None
+    if tok.fingerprint() != made.get("fingerprint"):
+        raise ScratchError(f"{where} (fingerprint {tok.fingerprint()[:12]}) is not the tokenizer {path} was made "
+                           f"with ({made.get('name')!r}, fingerprint {str(made.get('fingerprint'))[:12]}); the "
+                           "folder is damaged: run `scratchllm prepare` again")
+    return tok
+
+
+def open_shards(path: str | Path, tokenizer=None) -> ShardSet:
+    """Memory-map a folder made by `prepare` (constant memory however large). With `tokenizer` (a
+    Tokenizer, folder or "gpt2"), refuse shards made with a different tokenizer (fingerprint check).
+    Without one, `shard_tokenizer(path)` gives the tokenizer the folder was made with."""
+    path = Path(path)
+    index, dtype, names = _read_index(path)
     if tokenizer is not None:
         from scratchllm.tokenizer import Tokenizer, load_tokenizer
 
