@@ -196,9 +196,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 class Progress:
     """A minimal progress line for long loops: done/total, rate, ETA and any extra fields.
 
-    Prints to stderr at most every `every` seconds (and once at close), on rank 0 only, and stays
-    silent when `enabled` is False. `tqdm` is used where a real bar helps; this one is for loops
-    whose unit is not an iteration (merges, tokens).
+    Prints to stderr at most every `every` seconds on a terminal, and at most every `log_every`
+    seconds when the stream is not a terminal (a log file, a pipe, CI: a 6-minute run writes ~36
+    lines there, not one a second), plus a final line at close; on rank 0 only, and silent when
+    `enabled` is False. `tqdm` is used where a real bar helps; this one is for loops whose unit is
+    not an iteration (merges, tokens).
 
         p = Progress(total=1000, unit="merges")
         for i in range(1000):
@@ -207,10 +209,15 @@ class Progress:
     """
 
     def __init__(self, total: int | None, unit: str = "it", desc: str = "", every: float = 1.0,
-                 enabled: bool = True, stream=None):
-        self.total, self.unit, self.desc, self.every = total, unit, desc, every
+                 enabled: bool = True, stream=None, log_every: float = 10.0):
+        self.total, self.unit, self.desc = total, unit, desc
         self.enabled = enabled and is_rank0()
         self.stream = stream or sys.stderr
+        try:
+            tty = self.stream.isatty()
+        except (AttributeError, ValueError):  # no isatty, or a closed stream
+            tty = False
+        self.every = every if tty else max(every, log_every)
         self.done = 0
         self.printed = False
         self.start = self.last = time.perf_counter()
