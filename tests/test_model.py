@@ -1,6 +1,6 @@
 """GPT model tests: logits and loss equal transformers' GPT-2 (and Llama for the Llama-style switches)
-on the same random tiny weights; naive == sdpa attention (forward and gradients); init, tying,
-parameter counts of the GPT-2 presets, config validation."""
+on the same random tiny weights; naive == sdpa attention (forward and gradients); init (gpt2 and
+torch), tying, parameter counts of the GPT-2 presets, config validation."""
 
 import math
 
@@ -78,7 +78,7 @@ def test_loss_sum_equals_hand_computed_cross_entropy():
     assert torch.allclose(loss_sum, by_hand, atol=1e-4)
     assert torch.allclose(loss_mean, by_hand / 22, atol=1e-5)
     with pytest.raises(ScratchError, match="reduction"):
-        model(idx, targets=targets, reduction="none")
+        model(idx, targets=targets, reduction="max")  # "none" is the per-token loss, see test_loss.py
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -177,6 +177,28 @@ def test_gpt2_init_and_tying():
     assert untied.lm_head.weight is not untied.transformer.wte.weight
 
 
+def test_torch_init_keeps_pytorch_defaults():
+    # the book's GPTModel (ch. 5): nn.Embedding N(0, 1), nn.Linear Kaiming-uniform, LayerNorm ones / zeros
+    cfg = ModelConfig.from_preset("small", vocab_size=1000, init="torch")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+    assert abs(wte.std().item() - 1.0) < 0.01 and abs(wpe.std().item() - 1.0) < 0.01
+    assert model.lm_head.weight is wte  # tying is its own switch
+    h0 = model.transformer.h[0]
+    for lin in (h0.attn.c_attn, h0.attn.c_proj, h0.mlp.c_fc, h0.mlp.c_proj):
+        bound = 1 / math.sqrt(lin.in_features)  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))
+        assert lin.weight.abs().max().item() <= bound and lin.weight.abs().max().item() > 0.95 * bound
+        assert abs(lin.weight.std().item() - bound / math.sqrt(3)) < 0.05 * bound  # not normal(0.02)
+        assert lin.bias.abs().max().item() <= bound and lin.bias.abs().sum() > 0  # biases not zeroed
+    assert torch.all(h0.ln_1.weight == 1) and torch.all(h0.ln_1.bias == 0)
+    # the same draws as building the modules by hand: nothing is re-initialised after construction
+    torch.manual_seed(0)
+    assert torch.equal(torch.nn.Embedding(1000, cfg.n_embd).weight, wte)
+    with pytest.raises(ScratchError, match="init must be one of"):
+        ModelConfig(init="xavier")
+
+
 @pytest.mark.parametrize("name, expected", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
                                             ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
 def test_preset_parameter_counts_match_published_gpt2(name, expected):
@@ -205,6 +227,10 @@ def test_learned_positions_past_block_size_is_a_clear_error():
 def test_config_validation_and_round_trip():
     cfg = ModelConfig.from_preset("tiny", n_kv_head=2, norm="rmsnorm")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["init"] == "gpt2"
+    assert ModelConfig.from_dict({**cfg.to_dict(), "init": "torch"}).init == "torch"
+    old_json = {k: v for k, v in cfg.to_dict().items() if k != "init"}  # a config.json from before `init`
+    assert ModelConfig.from_dict(old_json) == cfg
     with pytest.raises(ScratchError, match="unknown key.*n_ctx"):
         ModelConfig.from_dict({**cfg.to_dict(), "n_ctx": 5})
     with pytest.raises(ScratchError, match="divisible"):

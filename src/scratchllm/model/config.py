@@ -1,7 +1,7 @@
 """ModelConfig: the shape of a GPT, as a typed dataclass with validation and named presets.
 
-What it does: holds every number and switch the model needs (sizes, dropout, bias, tying, and the
-Llama-style switches rmsnorm / rope / swiglu / grouped-query attention), checks them in
+What it does: holds every number and switch the model needs (sizes, dropout, bias, tying, the
+Llama-style switches rmsnorm / rope / swiglu / grouped-query attention, the init scheme), checks them in
 `__post_init__`, and round-trips through a plain dict (the `config.json` of a checkpoint).
 What it does not do: build the model (see gpt.py) or read files (see weights/).
 
@@ -35,14 +35,18 @@ class ModelConfig:
     mlp_hidden: int | None = None  # MLP hidden width; None = 4*n_embd (gelu) or ~8/3*n_embd (swiglu)
     norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
     rope_theta: float = 10000.0  # RoPE base frequency (only used with positions="rope")
+    # weight init: "gpt2" = normal(0, 0.02), zero biases, residual c_proj normal(0, 0.02/sqrt(2 n_layer));
+    # "torch" = PyTorch's defaults untouched (Linear Kaiming-uniform, Embedding N(0, 1), norms ones/zeros),
+    # as the GPTModel of Raschka's "Build a LLM from scratch" (ch. 5); absent from old config.json = "gpt2"
+    init: str = "gpt2"
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ScratchError(f"model config: {name} must be a positive integer, got {value!r}")
-        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
-                   "mlp": ("gelu", "swiglu"), "attention": ("naive", "sdpa")}
+        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"), "mlp": ("gelu", "swiglu"),
+                   "attention": ("naive", "sdpa"), "init": ("gpt2", "torch")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ScratchError(f"model config: {name} must be one of {', '.join(allowed)}, "

@@ -12,6 +12,8 @@ What it does not do: any I/O, printing, optimisation or HF imports (see weights/
     >>> logits = model(torch.zeros(2, 8, dtype=torch.long))            # (2, 8, vocab_size)
     >>> _, loss = model(idx, targets=idx_shifted)                       # mean CE, IGNORE_INDEX skipped
     >>> logits = model(idx, kv_cache=KVCache(model.config, 2, 64))     # cached, see kv_cache.py
+    >>> logits = model(idx, attention_mask=mask)   # padded batch: mask (B, T), 1 = token, 0 = padding
+    >>> _, nll = model(idx, targets=tgt, reduction="none")              # (B, T) -log p(target)
 """
 
 from __future__ import annotations
@@ -44,6 +46,22 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, head_dim/2)
     return angles.cos(), angles.sin()
+
+
+def padded_causal_mask(key_is_real: torch.Tensor, T: int) -> torch.Tensor:
+    """Boolean attention mask (B, 1, T, L), True = may attend, for queries at the last T of L columns:
+    causal, and keys where key_is_real (B, L) is 0 are hidden. Every query still sees its own column,
+    so a padding query's softmax stays finite (its output is meaningless and must not be used).
+    The same rule as KVCache.attn_mask, for any padding pattern (left, right or both).
+
+        key_is_real [[0, 1, 1]], T=3 -> [[[[1, 0, 0], [0, 1, 0], [0, 1, 1]]]]
+    """
+    L = key_is_real.shape[1]
+    q_col = torch.arange(L - T, L, device=key_is_real.device)[:, None]  # (T, 1) column of each query
+    k_col = torch.arange(L, device=key_is_real.device)[None, :]  # (1, L)
+    causal = k_col <= q_col  # (T, L)
+    visible = key_is_real.bool()[:, None, :] | (k_col == q_col)[None]  # (B, T, L)
+    return (causal[None] & visible)[:, None]  # (B, 1, T, L)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -153,12 +171,15 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
-        # GPT-2: residual projections start smaller, so the residual stream's variance does not grow
-        # with depth (each block adds two of them)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.init == "gpt2":
+            self.apply(self._init_weights)
+            # GPT-2: residual projections start smaller, so the residual stream's variance does not
+            # grow with depth (each block adds two of them)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # init == "torch": keep what the modules' constructors drew (Linear Kaiming-uniform, Embedding
+        # N(0, 1), norms ones / zeros), as the book's chapter 5 GPTModel does
 
     @staticmethod
     def _init_weights(module):
@@ -177,15 +198,42 @@ class GPT(nn.Module):
                 n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, n_embd) of token ids idx (B, T), before the lm_head."""
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None, *,
+                      positions: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, n_embd) of token ids idx (B, T), before the lm_head.
+
+        Without a cache, a padded batch (left, right or both) takes attention_mask (B, T), 1 = real
+        token, 0 = padding: attention is causal and never sees padded keys, so each real token gets
+        what its row alone would give it (padding positions give finite values that mean nothing).
+        positions ((T,) or (B, T) int64) default to 0..T-1, or with a mask to cumsum(mask) - 1
+        clamped at 0, so each row counts from 0 at its first real token. With a kv_cache, the cache
+        owns positions and padding (KVCache.set_left_padding) and neither may be passed.
+        """
         cfg = self.config
         B, T = idx.shape
         mask = None
         if kv_cache is None:
-            positions = torch.arange(T, device=idx.device)  # (T,)
-            last_pos = T - 1
+            check_positions = positions is not None  # a caller's positions may reach any value
+            if attention_mask is not None:
+                if attention_mask.shape != (B, T):
+                    raise ScratchError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                       f"(B, T) = {(B, T)} like idx")
+                mask = padded_causal_mask(attention_mask, T)  # (B, 1, T, T)
+                if positions is None:
+                    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            if positions is None:
+                positions = torch.arange(T, device=idx.device)  # (T,)
+            elif positions.shape not in ((T,), (B, T)):
+                raise ScratchError(f"positions has shape {tuple(positions.shape)}, expected (T,) = ({T},) "
+                                   f"or (B, T) = {(B, T)}")
+            last_pos = T - 1  # the largest default position (masked ones count fewer)
+            if cfg.positions == "learned" and (check_positions or last_pos >= cfg.block_size):
+                last_pos = int(positions.max())  # exact (a device sync), only when it can matter
         else:
+            if positions is not None or attention_mask is not None:
+                raise ScratchError("positions / attention_mask cannot be combined with a kv_cache: the cache "
+                                   "counts positions and masks its left padding (KVCache.set_left_padding)")
             if kv_cache.k.shape[0] != cfg.n_layer or kv_cache.k.shape[2:] != (cfg.kv_heads, kv_cache.max_len,
                                                                                cfg.head_dim):
                 raise ScratchError(f"KVCache shape {tuple(kv_cache.k.shape)} does not fit this model "
@@ -211,15 +259,19 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                reduction: str = "mean"):
+                reduction: str = "mean", *, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None):
         """Logits (B, T, vocab_size) of idx (B, T). With targets (B, T) returns (None, loss): the
-        cross-entropy over targets != IGNORE_INDEX, averaged ("mean") or summed ("sum"), computed in
-        row chunks by loss.linear_cross_entropy so the (B, T, vocab_size) logits never exist at once."""
-        h = self.hidden_states(idx, kv_cache)  # (B, T, n_embd)
+        cross-entropy over targets != IGNORE_INDEX, averaged ("mean"), summed ("sum") or per token
+        ("none": (B, T), -log p(target), 0.0 where ignored), computed in row chunks by
+        loss.linear_cross_entropy so the (B, T, vocab_size) logits never exist at once.
+        positions / attention_mask: for padded batches, see hidden_states."""
+        h = self.hidden_states(idx, kv_cache, positions=positions,
+                               attention_mask=attention_mask)  # (B, T, n_embd)
         if targets is None:
             return self.lm_head(h)  # (B, T, vocab_size)
-        if reduction not in ("mean", "sum"):
-            raise ScratchError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         loss = linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                     reduction=reduction)  # (B*T, n_embd) against (B*T,)
+        if reduction == "none":
+            loss = loss.view(targets.shape)  # (B, T)
         return None, loss
