@@ -9,7 +9,7 @@ import torch
 from pretrain_helpers import SMALL_TOML, make_inputs, pretrain
 from safetensors.torch import load_file, save_file
 
-from scratchllm.common import ScratchError
+from scratchllm.common import ScratchError, env_flag
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "pretrain_loss.json")
 
@@ -37,22 +37,32 @@ def weights(out):
 
 
 def test_golden_loss_curve(inputs, tmp_path):
-    """8 steps of a 2-layer GPT on the synthetic corpus (see tests/golden/pretrain_loss.json for how the
-    numbers were made). Regenerate after an intended numeric change with SCRATCHLLM_REGEN_GOLDEN=1."""
+    """8 steps of a 2-layer GPT on the synthetic corpus against the committed tests/golden/pretrain_loss.json
+    (which says how its numbers were made). After an intended numeric change, regenerate it as a separate
+    step: `SCRATCHLLM_REGEN_GOLDEN=1 pytest tests/test_pretrain.py -k golden` writes the file and skips;
+    review the diff, commit it, and run the test again without the variable. A missing file fails."""
     assert pretrain(*base_args(inputs, tmp_path / "run")) == 0
     losses = [r["loss"] for r in records(tmp_path / "run")]
-    if os.environ.get("SCRATCHLLM_REGEN_GOLDEN"):
-        golden = {"how": "tests/test_pretrain.py::test_golden_loss_curve with SCRATCHLLM_REGEN_GOLDEN=1: "
-                         "scratchllm pretrain on tests/pretrain_helpers.py's synthetic corpus, byte-level "
-                         "tokenizer, SMALL_TOML config (2 layers, 32 dims, block 32, batch 4, lr 1e-2, "
-                         "fp32, CPU, seed 1234), 8 steps; train loss per step",
-                  "torch": torch.__version__, "losses": losses}
-        with open(GOLDEN, "w") as f:
-            json.dump(golden, f, indent=2)
-    golden = json.load(open(GOLDEN))["losses"]
+    if env_flag("SCRATCHLLM_REGEN_GOLDEN"):
+        write_golden(losses)
+        pytest.skip(f"regenerated {GOLDEN}; nothing compared: run again without SCRATCHLLM_REGEN_GOLDEN")
+    if not os.path.isfile(GOLDEN):
+        pytest.fail(f"{GOLDEN} is missing: restore it from git, or regenerate it with SCRATCHLLM_REGEN_GOLDEN=1")
+    with open(GOLDEN) as f:
+        golden = json.load(f)["losses"]
     assert len(losses) == len(golden) == 8
     assert losses == pytest.approx(golden, abs=2e-4)
     assert losses[-1] < losses[0] - 1.0  # it learns (bytes of a 34-word language)
+
+
+def write_golden(losses):
+    golden = {"how": "tests/test_pretrain.py::test_golden_loss_curve with SCRATCHLLM_REGEN_GOLDEN=1: "
+                     "scratchllm pretrain on tests/pretrain_helpers.py's synthetic corpus, byte-level "
+                     "tokenizer, SMALL_TOML config (2 layers, 32 dims, block 32, batch 4, lr 1e-2, "
+                     "fp32, CPU, seed 1234), 8 steps; train loss per step",
+              "torch": torch.__version__, "losses": losses}
+    with open(GOLDEN, "w") as f:
+        json.dump(golden, f, indent=2)
 
 
 def test_outputs_and_resume_from_a_checkpoint_is_exact(inputs, tmp_path):
