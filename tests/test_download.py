@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 from _fileserver import FileServer
 
-import scratchllm.weights.download as download_mod
+import scratchllm.io.download as download_mod
 from scratchllm.common import ScratchError
-from scratchllm.weights.download import cache_dir, download, resolve_url
+from scratchllm.io.download import cache_dir, download, resolve_url
 
 VERDICT_SHA = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 SHAKES_SHA = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

@@ -11,7 +11,7 @@ import torch
 from _fileserver import FileServer
 
 from scratchllm.cli import main
-from scratchllm.weights import commands
+from scratchllm.weights import download as gpt2_download
 from scratchllm.weights.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -41,7 +41,7 @@ WEIGHTS_355M = "/openai-community/gpt2-medium/resolve/main/model.safetensors"
 def check_tiny_weights_as_355m(monkeypatch, files):
     """Make the checks table hold the served tiny file's size and sha256 as GPT-2 355M's weights."""
     data = files["model.safetensors"]
-    monkeypatch.setitem(commands.GPT2_CHECKS, ("355M", "model.safetensors"),
+    monkeypatch.setitem(gpt2_download.GPT2_CHECKS, ("355M", "model.safetensors"),
                         (len(data), hashlib.sha256(data).hexdigest()))
 
 
@@ -111,7 +111,7 @@ def test_size_without_a_known_checksum_uses_the_hubs_published_sha256(tiny_files
     _, files = tiny_files
     data = files["model.safetensors"]
     sha = hashlib.sha256(data if published == "right" else data + b"x").hexdigest()
-    assert ("355M", "model.safetensors") not in commands.GPT2_CHECKS  # nothing known here for 355M
+    assert ("355M", "model.safetensors") not in gpt2_download.GPT2_CHECKS  # nothing known here for 355M
     with serve(files, "openai-community/gpt2-medium") as srv:
         srv.head_headers[WEIGHTS_355M] = {"X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))}
         monkeypatch.setenv("SCRATCHLLM_MIRROR", srv.url)

@@ -1,8 +1,8 @@
 """The dataset registry behind `scratchllm data list` and `scratchllm data get NAME [--dest DIR]`.
 
 Each entry pins a canonical public URL (a fixed commit, so the bytes never change), its size and
-sha256. Downloads go through weights/download.py (resume, checksum, atomic rename, `SCRATCHLLM_MIRROR`)
-into `cache_dir()/datasets/<file>`. Two entries are *derived* from what the URL serves, and their
+sha256. Downloads go through scratchllm/io/download.py (resume, checksum, atomic rename,
+`SCRATCHLLM_MIRROR`) into `cache_dir()/datasets/<file>`. Two entries are *derived* from what the URL serves, and their
 saved file is checked against a second sha256:
   cp1252-to-utf8   four Gutenberg books stored in Windows-1252 at their URL, saved as UTF-8
   unzip:MEMBER     the UCI SMS Spam zip, from which only the `SMSSpamCollection` file is kept
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scratchllm.common import ScratchError, atomic_write_bytes
-from scratchllm.weights.download import cache_dir, check_file, download, resolve_url
+from scratchllm.io.download import cache_dir, check_file, download, resolve_url
 
 _RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/28c65cdfbc3338e2e040016eea4b7fdf556e4d57"
 _TAHSAN = "https://raw.githubusercontent.com/Tahsan-Alam/Word-Ladder/0f3ccefd05fbf8b7c382f33aaaa0defe4ef1020c"

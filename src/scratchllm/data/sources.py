@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from scratchllm.common import ScratchError
+from scratchllm.common import ScratchError, sha256_file
 
 EOT = "<|endoftext|>"
 TEXT_EXTS = {".txt", ".md", ".rst", ".text"}
@@ -155,8 +155,6 @@ def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[t
         import pyarrow.parquet as pq
     except ImportError:
         raise ScratchError(f"{path}: reading .parquet needs pyarrow (pip install 'scratchllm[parquet]')") from None
-    from scratchllm.weights.download import sha256_file
-
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
         raise ScratchError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); choose "
