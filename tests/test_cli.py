@@ -1,9 +1,15 @@
-"""The command line: help, version, every subcommand wired to an importable function, and the
-tokenizer subcommands end to end (in-process)."""
+"""The command line: help, version, every subcommand wired to a function that really exists (the
+module and name its handler imports lazily), and the tokenizer subcommands end to end (in-process)."""
 
 import argparse
+import ast
+import functools
+import importlib
+import importlib.util
+import inspect
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -20,12 +26,96 @@ def _leaf_parsers(parser, prefix=()):
     yield prefix, parser
 
 
-def test_every_subcommand_maps_to_a_callable():
+def lazy_targets(func) -> list[tuple[str, str]]:
+    """What a handler imports in its body, as (module, name): `from X import Y` -> (X, "Y"); `import X`
+    -> (X, "") plus (X, "f") for each `X.f` it uses (or `m.f`, with `import X as m`).
+
+    >>> def h(args):
+    ...     from scratchllm.data.shards import run
+    ...     return run(args)
+    >>> lazy_targets(h)
+    [('scratchllm.data.shards', 'run')]
+    """
+    while isinstance(func, functools.partial):
+        func = func.func
+    func = inspect.unwrap(func)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    package = func.__module__.rpartition(".")[0]
+    targets, modules = [], {}  # modules: the name a module is bound to in the handler -> the module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            targets += [(module, a.name) for a in node.names if a.name != "*"]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                targets.append((a.name, ""))
+                modules[a.asname or a.name] = a.name
+    for node in ast.walk(tree):  # m.f (import X as m) and a.b.f (import a.b)
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) in modules:
+            targets.append((modules[ast.unparse(node.value)], node.attr))
+    return targets
+
+
+def missing_targets(func) -> list[str]:
+    """The lazy imports of a handler that fail: a module that cannot be imported, a name it lacks."""
+    problems = []
+    for module, name in lazy_targets(func):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            problems.append(f"cannot import {module} ({type(e).__name__}: {e})")
+            continue
+        if not name or hasattr(mod, name):
+            continue
+        try:  # `from package import submodule`
+            importlib.import_module(f"{module}.{name}")
+        except ModuleNotFoundError:
+            problems.append(f"{module} has no {name!r}")
+    return problems
+
+
+def test_every_subcommand_imports_a_real_target():
+    """For every leaf subcommand, import what its handler imports lazily: a renamed or moved stage
+    function fails here, not when a user first runs the command."""
     leaves = list(_leaf_parsers(build_parser()))
-    assert ("tokenizer", "train") in [p for p, _ in leaves]
+    assert {("tokenizer", "train"), ("prepare",), ("pretrain",)} <= {p for p, _ in leaves}
+    problems = []
     for prefix, parser in leaves:
+        cmd = f"scratchllm {' '.join(prefix)}"
         func = parser.get_default("func")
-        assert callable(func), f"`scratchllm {' '.join(prefix)}` has no handler"
+        if not callable(func):
+            problems.append(f"{cmd}: no handler")
+        elif not lazy_targets(func) and func.__module__ == "scratchllm.cli":
+            problems.append(f"{cmd}: handler {func.__name__} imports no stage function")
+        else:
+            problems += [f"{cmd}: {p}" for p in missing_targets(func)]
+    assert not problems, "\n".join(problems)
+
+
+def _renamed(args):
+    from scratchllm.data.shards import run_prepare  # the real one is `run`
+
+    return run_prepare(args)
+
+
+def _moved(args):
+    import scratchllm.data.no_such_module as m
+
+    return m.run(args)
+
+
+def _attribute(args):
+    import scratchllm.data.shards
+    import scratchllm.data.shards as shards
+
+    return shards.run(args) if args else scratchllm.data.shards.prepare_all(args)
+
+
+def test_a_renamed_target_is_caught():
+    assert missing_targets(_renamed) == ["scratchllm.data.shards has no 'run_prepare'"]
+    assert missing_targets(_moved)[0].startswith("cannot import scratchllm.data.no_such_module (ModuleNotFoundError")
+    assert missing_targets(_attribute) == ["scratchllm.data.shards has no 'prepare_all'"]
+    assert missing_targets(functools.partial(_renamed)) != []
 
 
 def test_help_and_version():
