@@ -16,5 +16,5 @@ def test_demo_tiny_budget(tmp_path, capsys):
         assert expected in out, expected
     run = tmp_path / "run"
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert "final validation loss" in (run / "report.md").read_text()
+    assert "final validation**: loss" in (run / "report.md").read_text()
     assert (run / "latest").read_text().strip() == "step_0000003"

@@ -142,7 +142,7 @@ def test_run_folder_files_and_pruning(tmp_path):
     assert [r["step"] for r in records if r["split"] == "val"] == [0, 4, 8]
     assert train[-1]["tokens"] == 8 * 4 * 8
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert "final validation loss" in (tmp_path / "report.md").read_text()
+    assert "final validation**: loss" in (tmp_path / "report.md").read_text()
 
 
 def test_resume_in_process_is_bit_exact(tmp_path):

@@ -143,42 +143,62 @@ def _pretrain(args):
     return run(args)
 
 
-def add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a GPT on token shards (DDP/FSDP under torchrun)")
-    g = p.add_argument_group("data, model and output")
-    g.add_argument("--data", help="a shard folder (from `scratchllm prepare`)")
-    g.add_argument("--input", nargs="+", metavar="SRC", help="or raw sources: prepared into OUT/shards first")
-    g.add_argument("--tokenizer", help="tokenizer folder or `gpt2` (default: the --model folder's)")
-    g.add_argument("--model-preset", help="train from scratch: tiny, small, gpt2, ...")
-    g.add_argument("--model", help="or continue from a checkpoint, run or Hugging Face GPT-2 folder")
-    g.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss.png, report.md)")
+def add_run_flags(g) -> None:
+    """--out, --config, --resume, --overwrite: how every training stage finds and treats its run folder."""
+    g.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss.png, report.md, best/)")
     g.add_argument("--config", help="a TOML file of settings (flags override it)")
     g.add_argument("--resume", nargs="?", const=True, metavar="PATH",
                    help="continue the run in --out (or from this checkpoint / run folder)")
-    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
-                   help="shard with FSDP2 under torchrun (default: DDP)")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out (only a run folder)")
+
+
+def add_train_flags(p) -> None:
+    """The Trainer's flags, the same for every stage: each sets the TrainConfig field of its name
+    (`--max-steps` -> train.max_steps); a flag not given leaves the TOML / default value."""
     t = p.add_argument_group("training (defaults in `scratchllm.configs.TrainConfig`)")
     for flag, typ, hlp in [
-        ("--max-steps", int, "optimizer steps"), ("--batch-size", int, "sequences per micro-batch per process"),
-        ("--block-size", int, "context length (default: the model's)"),
+        ("--max-steps", int, "optimizer steps"), ("--epochs", int, "passes over the training data (sets max-steps)"),
+        ("--batch-size", int, "items per micro-batch per process"),
         ("--grad-accum", int, "micro-batches per step"), ("--batch-tokens", int, "global batch in tokens (sets grad-accum)"),
         ("--lr", float, "peak learning rate"), ("--min-lr", float, "floor of the decay"),
         ("--warmup-steps", int, "linear warmup steps"), ("--weight-decay", float, "AdamW weight decay"),
+        ("--beta1", float, "AdamW beta1"), ("--beta2", float, "AdamW beta2"),
         ("--grad-clip", float, "max gradient norm (0: off)"), ("--eval-every", int, "steps between evaluations"),
-        ("--eval-batches", int, "validation batches per evaluation"), ("--sample-every", int, "steps between samples"),
+        ("--eval-batches", int, "validation batches per evaluation (0: all)"),
+        ("--best-metric", str, "validation metric that picks RUN_DIR/best/ ('': none)"),
+        ("--patience", int, "stop after this many evaluations without a better best-metric (0: never)"),
+        ("--sample-every", int, "steps between samples"),
         ("--sample-prompt", str, "prompt of the samples"), ("--sample-tokens", int, "tokens per sample"),
         ("--checkpoint-every", int, "steps between checkpoints"), ("--keep-last", int, "checkpoints kept"),
-        ("--log-every", int, "steps between metrics lines"), ("--seed", int, "random seed"),
-        ("--device", str, "auto, cpu, cuda, cuda:N, mps"),
+        ("--log-every", int, "steps between metrics lines"), ("--max-bad-steps", int, "non-finite steps in a row that abort"),
+        ("--seed", int, "random seed"), ("--device", str, "auto, cpu, cuda, cuda:N, mps"),
     ]:
         t.add_argument(flag, type=typ, help=hlp)
+    t.add_argument("--best-mode", choices=["min", "max"], help="is a lower or a higher best-metric better")
     t.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="learning-rate schedule")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where fast")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     t.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="deterministic algorithms only (bit-exact resume on GPUs)")
+
+
+def add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a GPT on token shards (DDP/FSDP under torchrun)")
+    g = p.add_argument_group("data, model and output")
+    g.add_argument("--data", help="a shard folder (from `scratchllm prepare`)")
+    g.add_argument("--input", nargs="+", metavar="SRC", help="or raw sources: prepared into OUT/shards first")
+    g.add_argument("--tokenizer", help="tokenizer folder or `gpt2` (default: the --model folder's or the shards')")
+    g.add_argument("--model-preset", help="train from scratch: tiny, small, gpt2, ...")
+    g.add_argument("--model", help="or continue from a checkpoint, run or Hugging Face GPT-2 folder")
+    g.add_argument("--block-size", type=int, help="context length (default: the model's)")
+    g.add_argument("--sampler", choices=["random", "sliding"],
+                   help="random windows (default) or the book's fixed windows, reshuffled every epoch")
+    g.add_argument("--stride", type=int, help="with --sampler sliding: tokens between window starts (default: block size)")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="shard with FSDP2 under torchrun (default: DDP)")
+    add_run_flags(g)
+    add_train_flags(p)
     p.set_defaults(func=_pretrain)
 
 

@@ -33,7 +33,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 class TrainConfig:
     """What the Trainer needs, for every stage."""
 
-    max_steps: int = 1000  # optimizer steps in the whole run
+    max_steps: int = 1000  # optimizer steps in the whole run (derived from `epochs` when that is > 0)
+    epochs: int = 0  # passes over the training data instead of max_steps (stages that count epochs); 0 = off
     batch_size: int = 8  # sequences per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step per rank (derived when batch_tokens > 0)
     batch_tokens: int = 0  # global batch in tokens per step; 0 = batch_size * block_size * grad_accum * ranks
@@ -46,7 +47,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
     eval_every: int = 100  # steps between validation passes; 0 = only at the end
-    eval_batches: int = 20  # validation micro-batches per pass and process
+    eval_batches: int = 20  # validation micro-batches per pass and process; 0 = the whole validation set
+    best_metric: str = "loss"  # validation metric that picks RUN_DIR/best/ ("" = keep no best model)
+    best_mode: str = "min"  # min | max: which direction of best_metric is better
+    patience: int = 0  # stop after this many evaluations without a better best_metric; 0 = never stop early
     sample_every: int = 0  # steps between text samples; 0 = never
     sample_prompt: str = "The"  # the fixed prompt of those samples
     sample_tokens: int = 32  # new tokens per sample
@@ -61,12 +65,11 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on GPU)
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_last", "log_every",
-                     "max_bad_steps"):
+        for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ScratchError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("batch_tokens", "warmup_steps", "eval_every", "sample_every", "sample_tokens",
-                     "checkpoint_every"):
+        for name in ("epochs", "batch_tokens", "warmup_steps", "eval_every", "eval_batches", "sample_every",
+                     "sample_tokens", "checkpoint_every", "patience"):
             if getattr(self, name) < 0:
                 raise ScratchError(f"train.{name} must be >= 0 (got {getattr(self, name)})")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
@@ -80,6 +83,12 @@ class TrainConfig:
             raise ScratchError(f"train.compile {self.compile!r}: expected auto, on or off")
         if self.grad_clip < 0:
             raise ScratchError(f"train.grad_clip must be >= 0 (got {self.grad_clip})")
+        if self.best_mode not in ("min", "max"):
+            raise ScratchError(f"train.best_mode {self.best_mode!r}: expected min or max")
+        if self.patience and not self.best_metric:
+            raise ScratchError("train.patience needs train.best_metric (the validation metric to watch)")
+        if self.patience and not self.eval_every:
+            raise ScratchError("train.patience counts evaluations: it needs train.eval_every > 0")
 
 
 @dataclass
@@ -94,6 +103,8 @@ class PretrainConfig:
     out: str = ""  # run folder
     block_size: int = 0  # training context length; 0 = the model's
     fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP
+    sampler: str = "random"  # random: random windows, fresh offsets per epoch | sliding: the book's fixed windows
+    stride: int = 0  # sliding windows start every `stride` tokens; 0 = block_size (no overlap)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields for a preset
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -110,6 +121,10 @@ class PretrainConfig:
             raise ScratchError("--out RUN_DIR is required")
         if self.block_size < 0:
             raise ScratchError(f"block_size must be >= 0 (got {self.block_size})")
+        if self.sampler not in ("random", "sliding"):
+            raise ScratchError(f"sampler {self.sampler!r}: expected random or sliding")
+        if self.stride < 0 or (self.stride and self.sampler != "sliding"):
+            raise ScratchError(f"stride {self.stride}: give a stride >= 1 only with --sampler sliding")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,11 +77,12 @@ def samples(model, tok, title: str) -> None:
 def run(args) -> int:
     import torch
 
-    from scratchllm.cli import build_parser
     from scratchllm.common import seed_everything
+    from scratchllm.configs import PretrainConfig, TrainConfig
     from scratchllm.data.shards import open_shards, prepare
     from scratchllm.data.sources import pydocs_documents
     from scratchllm.model import GPT, ModelConfig
+    from scratchllm.train.pretrain import pretrain
     from scratchllm.weights.checkpoint import load_model
 
     out = Path(args.out)
@@ -103,13 +104,12 @@ def run(args) -> int:
     print0(f"\n[3] pretraining a {untrained.num_params() / 1e6:.1f}M-parameter GPT for {args.max_steps} steps")
     samples(untrained, tok, "untrained samples")
     steps = args.max_steps
-    flags = ["pretrain", "--data", str(out / "shards"), "--tokenizer", str(out / "tokenizer"), "--model-preset", "tiny",
-             "--out", str(run_dir), "--overwrite", "--max-steps", str(steps), "--batch-size", "16",
-             "--block-size", "128", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", str(max(1, steps // 20)),
-             "--eval-every", str(max(1, steps // 10)), "--eval-batches", "8", "--checkpoint-every", "0",
-             "--sample-every", "0", "--precision", "fp32", "--seed", str(seed), "--device", "cpu"]
-    pargs = build_parser().parse_args(flags)
-    if pargs.func(pargs):
+    train = TrainConfig(max_steps=steps, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=max(1, steps // 20),
+                        eval_every=max(1, steps // 10), eval_batches=8, checkpoint_every=0, sample_every=0,
+                        precision="fp32", seed=seed, device="cpu")
+    cfg = PretrainConfig(data=str(out / "shards"), tokenizer=str(out / "tokenizer"), model_preset="tiny",
+                         out=str(run_dir), block_size=128, train=train)
+    if pretrain(cfg, overwrite=True)["interrupted"]:
         return 130  # interrupted: the checkpoint is in run_dir
     model, _ = load_model(run_dir)
     with torch.no_grad():

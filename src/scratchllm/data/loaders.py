@@ -141,6 +141,13 @@ class RandomWindowSampler:
         self.epoch, self.pos = 0, rank  # pos: index (in this epoch's shuffled order) of our next window
         self._plan_epoch, self._plan = -1, None
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """About how many batches each rank draws per epoch (the count at offset 0; an epoch's random
+        offset can cut one window fewer per array). What `--epochs` turns into steps."""
+        windows = int(np.maximum(0, (self.lengths - 1) // self.block_size).sum())
+        return max(1, windows // (self.batch_size * self.world_size))
+
     def _plan_for(self, epoch: int):
         """(offset, cumulative window counts per array, shuffled window ids) of one epoch, cached."""
         if self._plan_epoch != epoch:

@@ -32,6 +32,7 @@ from scratchllm.common import ScratchError, atomic_dir, atomic_write_text
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 LATEST = "latest"
+BEST = "best"  # RUN_DIR/best/: the model files of the best evaluation (not a step folder: never pruned)
 _STEP_RE = re.compile(r"^step_(\d{7})$")
 
 
@@ -48,6 +49,12 @@ def _digest(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
+def write_meta(folder: Path, meta: dict) -> None:
+    """folder/meta.json: `meta` plus the size and sha256 of every file already in the folder."""
+    files = {str(p.relative_to(folder)): _digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    atomic_write_text(folder / META_FILE, json.dumps({**meta, "files": files}, indent=2) + "\n")
+
+
 def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path], None], train_state: dict,
                     meta: dict, keep_last: int) -> Path:
     """Write RUN_DIR/step_XXXXXXX atomically, then point `latest` at it and keep the newest `keep_last`."""
@@ -56,8 +63,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path]
     with atomic_dir(final, overwrite=True) as tmp:
         write_model(tmp)
         torch.save(train_state, tmp / STATE_FILE)
-        files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step, "files": files}, indent=2))
+        write_meta(tmp, {**meta, "step": step})
     atomic_write_text(run_dir / LATEST, final.name + "\n")
     prune_checkpoints(run_dir, keep_last)
     return final
@@ -116,6 +122,64 @@ def load_train_state(ckpt: str | Path) -> dict:
         return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise ScratchError(f"{Path(ckpt) / STATE_FILE}: cannot load training state ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# partial checkpoints: only what trains (a head, LoRA adapters), on top of fingerprinted base weights
+
+
+def trainable_state_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names a partial checkpoint keeps: trainable parameters and persistent buffers."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = set(model.state_dict()) - params
+    return {n for n, p in model.named_parameters() if p.requires_grad} | buffers
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the name, dtype, shape and bytes of every tensor a partial checkpoint leaves out (the
+    frozen base weights), each aliased tensor once. Two models with this fingerprint share a base."""
+    keep = trainable_state_names(model)
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict(keep_vars=False).items()):
+        if name in keep:
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def check_base(saved: str | None, current: str | None, folder: Path) -> None:
+    """Refuse a partial checkpoint whose base weights are not the model's (or a full one in a partial run)."""
+    if saved == current:
+        return
+    if saved is None:
+        raise ScratchError(f"{folder} holds a full model, but this run saves only its trainable parameters "
+                           "(a head or adapters): resume it with the same settings it was started with")
+    if current is None:
+        raise ScratchError(f"{folder} holds only trainable parameters (adapters or a head) trained on base "
+                           f"{saved}; load it on top of that base model")
+    raise ScratchError(f"{folder} was trained on a different base model: its base fingerprint is {saved}, the "
+                       f"base given now is {current}. Use the base model the run was started from")
+
+
+def load_partial(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
+    """Load a partial checkpoint (or a run folder's latest / best one) onto `model`, the base with the
+    same trainable parts (head, adapters) in place: checks every file, the base fingerprint and that the
+    folder holds exactly the model's trainable tensors. Returns the model, now one trained model."""
+    from safetensors.torch import load_file
+
+    folder = resolve_checkpoint(folder)
+    meta = verify_checkpoint(folder)
+    check_base(meta.get("base_fingerprint"), base_fingerprint(model), folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    expected = trainable_state_names(model)
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ScratchError(f"{folder / 'model.safetensors'} does not fit the model's trainable parts: missing "
+                           f"{missing}, unexpected {unexpected}")
+    model.load_state_dict(weights, strict=False)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,11 +3,24 @@
 What it does: a stage supplies a model, a batch source (anything with `next_batch()`, plus
 `state_dict()/load_state_dict()` to resume exactly) and an objective `(model, batch) -> (loss_sum,
 metrics)` whose `metrics["count"]` says how many items the sum covers (see objectives.py). Each
-optimizer step accumulates `grad_accum` micro-batches (DDP gradient sync only on the last), divides
-the gradients once by the step's total count over all ranks, logs the pre-clip gradient norm, clips,
-and steps AdamW with the scheduled learning rate. Non-finite steps are skipped and counted; K in a
-row abort. It evaluates, samples, checkpoints (every N steps, at the end, on SIGINT/SIGTERM),
-writes metrics.jsonl / loss.png / report.md, and prints progress on rank 0 only.
+optimizer step accumulates micro-batches (DDP gradient sync only on the last), divides the gradients
+once by the step's total count over all ranks, logs the pre-clip gradient norm, clips, and steps AdamW
+with the scheduled learning rate. Non-finite steps are skipped and counted; K in a row abort.
+
+Every other numeric value in `metrics` is summed over micro-batches and ranks and reported divided by
+`count` (a value given as a pair `(sum, denominator)` is divided by its own summed denominator;
+`count` and `tokens` are reported as totals), in training and in evaluation alike. The Trainer
+evaluates (the objective's own metrics), keeps the best model by one validation metric in
+`RUN_DIR/best/` and can stop early when it stops improving, samples, checkpoints (every N steps, at
+the end, on SIGINT/SIGTERM), writes metrics.jsonl / loss.png / report.md, and prints progress on
+rank 0 only.
+
+What a stage may add: frozen models (a DPO/PPO reference, a reward model: on the device, eval mode,
+no gradients, never saved; passed to the objective as keyword arguments), `save="trainable"` to
+checkpoint only the parameters that train (a new head, LoRA adapters) on top of base weights it
+fingerprints, and its own iteration (`fit(step_fn)`) built on the public `optimizer_step`.
+The objective sees the model through the DDP/compiled wrapper: `model(...)` and every method the
+model class defines (`model.hidden_states(...)`) run through it, so gradients stay synchronised.
 What it does not do: build models or data (stages do), or know any stage's loss.
 
     trainer = Trainer(model, TrainConfig(max_steps=100), next_token_objective, sampler,
@@ -18,6 +31,7 @@ What it does not do: build models or data (stages do), or know any stage's loss.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -28,12 +42,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from scratchllm.common import Progress, ScratchError, print0, select_device, select_precision, torch_dtype
+from scratchllm.common import (
+    Progress,
+    ScratchError,
+    atomic_dir,
+    print0,
+    select_device,
+    select_precision,
+    torch_dtype,
+)
 from scratchllm.configs import TrainConfig
 from scratchllm.train import checkpointing as ckpt
 from scratchllm.train.optim import build_optimizer, lr_at, set_lr
 from scratchllm.train.runlog import MetricsLog, plot_loss, read_metrics, write_report
+
+TOTALS = ("count", "tokens")  # metrics reported as sums; every other one is divided by its denominator
 
 
 def init_distributed(device: str = "auto") -> str:
@@ -76,48 +101,103 @@ def write_safetensors(folder: Path, state: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
 
 
+class _Methods(nn.Module):
+    """Routes `model.METHOD(...)` through one forward, so DDP, FSDP and torch.compile see every call an
+    objective makes (calling `ddp.module.hidden_states` directly would skip the gradient sync)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self.model, method)(*args, **kwargs)
+
+
+class ModelView:
+    """What an objective receives as `model`: calls go through the wrapper, attributes (config) do not."""
+
+    def __init__(self, wrapped: nn.Module, model: nn.Module):
+        self._wrapped, self._model = wrapped, model
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped("forward", *args, **kwargs)
+
+    def __getattr__(self, name):
+        attr = getattr(self._model, name)
+        if callable(attr) and not hasattr(nn.Module, name) and not isinstance(attr, nn.Module):
+            return functools.partial(self._wrapped, name)  # a method of the model's own class
+        return attr
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, objective: Callable, train_batches, *,
                  out_dir: str | Path, val_batches: Callable[[], Iterable] | None = None,
                  sample_fn: Callable[[torch.nn.Module], str] | None = None,
                  write_model: Callable[[Path, dict], None] = write_safetensors, flops_per_token: float | None = None,
-                 peak_flops: float | None = None, info: dict | None = None, fsdp: bool = False):
+                 peak_flops: float | None = None, info: dict | None = None, fsdp: bool = False,
+                 frozen: dict[str, torch.nn.Module] | None = None, save: str = "all",
+                 derived_metrics: Callable[[dict], dict] | None = None):
+        """`frozen`: auxiliary models passed to the objective as keyword arguments. `save`: "all" or
+        "trainable" (only parameters with requires_grad, plus buffers; the rest is fingerprinted as the
+        base). `derived_metrics`: extra metrics computed from the reduced ones (perplexity from loss)."""
+        if save not in ("all", "trainable"):
+            raise ScratchError(f"Trainer save={save!r}: expected 'all' or 'trainable'")
         self.cfg, self.objective, self.batches = cfg, objective, train_batches
         self.out_dir, self.val_batches, self.sample_fn = Path(out_dir), val_batches, sample_fn
         self.info, self.flops_per_token, self.peak_flops = dict(info or {}), flops_per_token, peak_flops
+        self.derived_metrics = derived_metrics
         self.device = init_distributed(cfg.device)  # first: the rank and world size come from it
         self.rank, self.world = _world()
         self.precision = select_precision(cfg.precision, self.device)
-        # loss and count sums across micro-batches and ranks: float64, but MPS has no float64
+        # loss and metric sums across micro-batches and ranks: float64, but MPS has no float64
         self._sum_dtype = torch.float32 if self.device.startswith("mps") else torch.float64
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
             torch.use_deterministic_algorithms(True)
         self.model = model.to(self.device)  # the unwrapped module: what checkpoints save
+        self.frozen = self._place_frozen(frozen or {})
         self.write_model = write_model  # (folder, full state dict) -> writes the model files
+        self.save_mode = save
+        self.base_fingerprint = ckpt.base_fingerprint(self.model) if save == "trainable" else None
         self.fsdp = fsdp and self.world > 1
         self.ddp = None
-        wrapped = self.model
+        self._root = wrapped = _Methods(self.model)
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
             for block in getattr(getattr(model, "transformer", None), "h", []):
                 fully_shard(block)
-            fully_shard(model)
+            fully_shard(self._root)  # the root's hooks run on every routed call
         elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
-            wrapped = self.ddp = DistributedDataParallel(model, device_ids=ids)
+            wrapped = self.ddp = DistributedDataParallel(self._root, device_ids=ids)
         use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.startswith("cuda"))
-        self.fwd = torch.compile(wrapped) if use_compile else wrapped  # never saved: self.model is
+        self.fwd = ModelView(torch.compile(wrapped) if use_compile else wrapped, self.model)  # never saved
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step = self.tokens_seen = self.bad_steps = self.skipped_steps = 0
         self.elapsed = 0.0  # training seconds over all sessions of this run
+        # the best validation value of cfg.best_metric so far, its step, and evaluations since
+        self.best: dict = {"value": None, "step": None, "evals_since": 0}
         self.resumed_from: int | None = None
         self._saved_step: int | None = None  # the step whose checkpoint holds the current state
         self._stop: int | None = None
+
+    def _place_frozen(self, frozen: dict) -> dict:
+        placed = {}
+        here = torch.device(self.device)
+        for name, m in frozen.items():
+            devices = {p.device for p in m.parameters()} | {b.device for b in m.buffers()}
+            elsewhere = sorted(str(d) for d in devices if d.type != "cpu" and d != here)
+            if elsewhere:
+                raise ScratchError(f"frozen model {name!r} lives on {', '.join(elsewhere)} but training runs on "
+                                   f"{self.device}: build it on the CPU or on {self.device}")
+            if any(p is q for p in m.parameters() for q in self.model.parameters()):
+                raise ScratchError(f"frozen model {name!r} shares parameters with the model being trained")
+            placed[name] = m.to(self.device).eval().requires_grad_(False)
+        return placed
 
     # ------------------------------------------------------------------ precision
     def autocast(self):
@@ -131,26 +211,72 @@ class Trainer:
             dist.all_reduce(t)
         return t.tolist()
 
+    # ------------------------------------------------------------------ metrics
+    def _run_objective(self, batch) -> tuple[torch.Tensor, dict]:
+        with self.autocast():
+            loss, metrics = self.objective(self.fwd, _to(batch, self.device), **self.frozen)
+        if "count" not in metrics:
+            raise ScratchError(f"objective {getattr(self.objective, '__name__', self.objective)!r} returned no "
+                               "metrics['count'] (the number of items its loss sum covers)")
+        return loss, metrics
+
+    def _accumulate(self, sums: dict, loss: torch.Tensor, metrics: dict) -> None:
+        """Add one micro-batch's loss sum and metrics (values or (sum, denominator) pairs) into `sums`."""
+        sums["loss"] = sums.get("loss", 0.0) + loss.detach().to(self._sum_dtype)
+        for k, v in metrics.items():
+            if isinstance(v, str) or v is None:
+                continue  # only numbers are reduced
+            num, den = v if isinstance(v, tuple) else (v, None)
+            sums[k] = sums.get(k, 0.0) + torch.as_tensor(num, dtype=self._sum_dtype, device=self.device).detach()
+            if den is not None:
+                sums[k + "/"] = sums.get(k + "/", 0.0) + torch.as_tensor(den, dtype=self._sum_dtype,
+                                                                          device=self.device)
+
+    def _reduce(self, sums: dict, all_ranks: bool = True) -> dict:
+        """Sum over ranks (one all-reduce) and divide: loss and metrics per count, pairs by their own sum."""
+        keys = sorted(sums)
+        values = self._all_sum([sums[k] for k in keys]) if all_ranks else [float(sums[k]) for k in keys]
+        total = dict(zip(keys, values))
+        count = total.get("count", 0.0)
+        out = {"loss": total["loss"] / count if count > 0 else float("nan")}
+        for k, v in total.items():
+            if k == "loss" or k.endswith("/"):
+                continue
+            if k in TOTALS:
+                out[k] = int(v)
+            elif k + "/" in total:
+                out[k] = v / total[k + "/"] if total[k + "/"] > 0 else float("nan")
+            else:
+                out[k] = v / count if count > 0 else float("nan")
+        if self.derived_metrics:
+            out.update(self.derived_metrics(out))
+        return out
+
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self) -> dict:
+    def optimizer_step(self, micro_batches: Iterable) -> dict:
+        """One optimizer step over the given micro-batches (gradients accumulated, synchronised across
+        ranks on the last one, divided by the step's global count). Public so a stage can drive its own
+        loop (PPO: rollouts, then several epochs of mini-batch steps); `fit()` calls it through
+        `train_step()`. Returns the step's reduced metrics plus lr, grad_norm and skipped."""
         cfg, model = self.cfg, self.model
         lr = lr_at(self.step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                    schedule=cfg.schedule, min_lr=cfg.min_lr)
         set_lr(self.optimizer, lr)
-        loss_sum = torch.zeros((), dtype=self._sum_dtype, device=self.device)
-        count = tokens = 0
-        for micro in range(cfg.grad_accum):
-            batch = _to(self.batches.next_batch(), self.device)
-            last = micro == cfg.grad_accum - 1
-            with self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext():
-                with self.autocast():
-                    loss, metrics = self.objective(self.fwd, batch)
+        sums: dict = {}
+        it = iter(micro_batches)
+        batch = next(it, None)
+        if batch is None:
+            raise ScratchError("optimizer_step got no micro-batches")
+        while batch is not None:
+            following = next(it, None)  # look ahead: DDP syncs gradients on the last micro-batch only
+            with self.ddp.no_sync() if (self.ddp is not None and following is not None) else nullcontext():
+                loss, metrics = self._run_objective(batch)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach().to(self._sum_dtype)
-            n = int(metrics["count"])
-            count += n
-            tokens += int(metrics.get("tokens", n))
-        loss_sum, count, tokens = self._all_sum([loss_sum, count, tokens])
+            self._accumulate(sums, loss, metrics)
+            batch = following
+        sums.setdefault("tokens", sums["count"])
+        out = self._reduce(sums)
+        count = out["count"]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -158,8 +284,7 @@ class Trainer:
             torch._foreach_mul_(grads, self.world / count)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        loss = loss_sum / count if count > 0 else float("nan")
-        finite = math.isfinite(loss) and (math.isfinite(norm) or self.scaler is not None)
+        finite = math.isfinite(out["loss"]) and (math.isfinite(norm) or self.scaler is not None)
         if finite:
             if self.scaler:
                 self.scaler.step(self.optimizer)
@@ -172,7 +297,7 @@ class Trainer:
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += int(tokens)
+        self.tokens_seen += out["tokens"]
         if self.bad_steps >= cfg.max_bad_steps:
             latest = self.out_dir / ckpt.LATEST
             last = latest.read_text().strip() if latest.is_file() else "none yet"
@@ -180,34 +305,37 @@ class Trainer:
                 f"loss or gradients were non-finite for {self.bad_steps} steps in a row (up to step "
                 f"{self.step}); stopped. Last good checkpoint: {last} in {self.out_dir}. Lower --lr, raise "
                 f"--warmup-steps, or use --precision fp32, then resume with --resume.")
-        return {"loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(tokens), "skipped": not finite}
+        return {**out, "lr": lr, "grad_norm": norm, "skipped": not finite}
+
+    def train_step(self) -> dict:
+        """One optimizer step over the next `cfg.grad_accum` micro-batches of the batch source."""
+        return self.optimizer_step(self.batches.next_batch() for _ in range(self.cfg.grad_accum))
 
     # ------------------------------------------------------------------ evaluation and samples
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss over the first `cfg.eval_batches x processes` validation batches: under DDP, rank r
-        takes batches r, r + W, ... and the sums are all-reduced (under FSDP every rank runs every batch:
-        its forward is collective). With the per-process batch size divided by W, a W-process run
-        evaluates the same tokens as one process."""
-        self.fwd.eval()
-        loss_sum = count = 0.0
+        """The objective's metrics over the first `cfg.eval_batches x processes` validation batches (all of
+        them when eval_batches is 0): under DDP, rank r takes batches r, r + W, ... and the sums are
+        all-reduced (under FSDP every rank runs every batch: its forward is collective). With the
+        per-process batch size divided by W, a W-process run evaluates the same items as one process."""
+        self.model.eval()
+        sums: dict = {}
         split = self.world > 1 and not self.fsdp
+        limit = self.cfg.eval_batches * self.world if self.cfg.eval_batches else None
         for i, batch in enumerate(self.val_batches()):
-            if i >= self.cfg.eval_batches * self.world:
+            if limit is not None and i >= limit:
                 break
             if split and i % self.world != self.rank:
                 continue
-            with self.autocast():
-                loss, metrics = self.objective(self.fwd, _to(batch, self.device))
-            loss_sum += float(loss)
-            count += int(metrics["count"])
-        self.fwd.train()
+            self._accumulate(sums, *self._run_objective(batch))
+        self.model.train()
         if self.fsdp:  # the root stays unsharded after a no-grad forward; the optimizer holds the shards
-            self.model.reshard()
-        if split:
-            loss_sum, count = self._all_sum([loss_sum, count])
-        val = loss_sum / max(count, 1)
-        return {"loss": val, "ppl": math.exp(min(val, 50.0))}
+            self._root.reshard()
+        empty = float(not sums)
+        if (self._all_sum([empty])[0] if split else empty) > 0:  # every rank raises, none waits in a collective
+            raise ScratchError("the validation set gave no batch for some process: use more validation data, a "
+                               "smaller batch size or fewer processes")
+        return self._reduce(sums, all_ranks=split)
 
     # ------------------------------------------------------------------ checkpoints
     def _train_state(self) -> dict:
@@ -220,25 +348,38 @@ class Trainer:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            opt = get_optimizer_state_dict(self.model, self.optimizer,
+            opt = get_optimizer_state_dict(self._root, self.optimizer,
                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             opt = self.optimizer.state_dict()
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                 "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps, "world_size": self.world,
+                "best": {k: v for k, v in self.best.items() if v is not None},
                 "optimizer": opt, "scaler": self.scaler.state_dict() if self.scaler else {}, "ranks": per_rank}
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The full, unwrapped state dict (gathered from all ranks under FSDP), aliases removed."""
+        """The unwrapped state dict to save (gathered from all ranks under FSDP), aliases removed; with
+        save="trainable" only the trainable parameters and the buffers."""
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+            state = get_model_state_dict(self._root, options=StateDictOptions(full_state_dict=True,
                                                                               cpu_offload=True))
+            state = {k.removeprefix("model."): v for k, v in state.items()}
         else:
             state = self.model.state_dict()
         drop = shared_names(self.model)
-        return {k: v for k, v in state.items() if k not in drop}
+        state = {k: v for k, v in state.items() if k not in drop}
+        if self.save_mode == "trainable":
+            keep = ckpt.trainable_state_names(self.model)
+            state = {k: v for k, v in state.items() if k in keep}
+        return state
+
+    def _meta(self, metrics: dict | None) -> dict:
+        meta = {"tokens_seen": self.tokens_seen, "metrics": metrics or {}, "precision": self.precision}
+        if self.base_fingerprint:
+            meta["base_fingerprint"] = self.base_fingerprint  # this folder holds only what trains
+        return meta
 
     def save(self, metrics: dict | None = None) -> Path | None:
         """Checkpoint now (collective under torchrun; rank 0 writes). A failed write raises ScratchError
@@ -246,10 +387,9 @@ class Trainer:
         state, weights = self._train_state(), self.model_state()
         path = None
         if self.rank == 0:
-            meta = {"tokens_seen": self.tokens_seen, "metrics": metrics or {}, "precision": self.precision}
             try:
                 path = ckpt.save_checkpoint(self.out_dir, self.step, lambda d: self.write_model(d, weights),
-                                            state, meta, self.cfg.keep_last)
+                                            state, self._meta(metrics), self.cfg.keep_last)
             except OSError as e:
                 latest = self.out_dir / ckpt.LATEST
                 prev = latest.read_text().strip() if latest.is_file() else "none"
@@ -260,23 +400,43 @@ class Trainer:
         self._saved_step = self.step
         return path
 
+    def save_best(self, val: dict) -> None:
+        """RUN_DIR/best/: the model files of the best evaluation so far (no optimizer state: it is for
+        using, not resuming), replaced atomically; never pruned."""
+        weights = self.model_state()
+        if self.rank == 0:
+            try:
+                with atomic_dir(self.out_dir / ckpt.BEST, overwrite=True) as tmp:
+                    self.write_model(tmp, weights)
+                    ckpt.write_meta(tmp, {**self._meta(val), "step": self.step, "best_metric": self.cfg.best_metric})
+            except OSError as e:
+                raise ScratchError(f"writing {self.out_dir / ckpt.BEST} failed ({e}); the previous best model "
+                                   "is intact") from None
+        if self.world > 1:
+            dist.barrier()
+
     def resume(self, path: str | Path) -> int:
         """Restore model, optimizer, scaler, counters, every RNG and the sampler from a checkpoint or run
         folder (after verifying every file's checksum). Returns the step resumed at."""
         from safetensors.torch import load_file
 
         folder = ckpt.resolve_checkpoint(path)
-        ckpt.verify_checkpoint(folder)
+        meta = ckpt.verify_checkpoint(folder)
         weights = load_file(str(folder / "model.safetensors"))
+        if self.save_mode == "trainable" or meta.get("base_fingerprint"):
+            ckpt.check_base(meta.get("base_fingerprint"), self.base_fingerprint, folder)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            set_model_state_dict(self._root, {f"model.{k}": v for k, v in weights.items()},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
         else:
-            missing, unexpected = self.model.load_state_dict(weights, strict=False)
-            if set(missing) - shared_names(self.model) or unexpected:
-                raise ScratchError(f"{folder / 'model.safetensors'} does not fit the model: missing "
-                                   f"{sorted(set(missing) - shared_names(self.model))}, unexpected {sorted(unexpected)}")
+            expected = set(self.model_state())
+            missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            if missing or unexpected:
+                raise ScratchError(f"{folder / 'model.safetensors'} does not fit the model: missing {missing}, "
+                                   f"unexpected {unexpected}")
+            self.model.load_state_dict(weights, strict=False)
         state = ckpt.load_train_state(folder)
         if state["world_size"] != self.world:
             raise ScratchError(f"{folder} was written by {state['world_size']} process(es), now {self.world}: "
@@ -284,7 +444,7 @@ class Trainer:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+            set_optimizer_state_dict(self._root, self.optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -292,6 +452,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         for key in ("step", "tokens_seen", "elapsed", "bad_steps", "skipped_steps"):
             setattr(self, key, state[key])
+        self.best.update(state.get("best", {}))
         mine = state["ranks"][self.rank]
         ckpt.set_rng_state(mine["rng"])
         if mine["sampler"] is not None:
@@ -309,46 +470,68 @@ class Trainer:
         flag = float(self._stop is not None)
         return (self._all_sum([flag])[0] if self.world > 1 else flag) > 0
 
-    def fit(self) -> dict:
-        """Train until cfg.max_steps (or a signal). Returns the last train/val metrics and the state."""
+    def early_stop_reason(self) -> str | None:
+        cfg, best = self.cfg, self.best
+        if cfg.patience and best["evals_since"] >= cfg.patience:
+            return (f"{cfg.best_metric} did not improve for {best['evals_since']} evaluations (patience "
+                    f"{cfg.patience}); best {best['value']:.4g} at step {best['step']}")
+        return None
+
+    def fit(self, step_fn: Callable[[], dict] | None = None) -> dict:
+        """Train until cfg.max_steps, an early stop or a signal. `step_fn` (default `train_step`) is one
+        iteration: it may run several `optimizer_step`s; evaluation, samples and checkpoints happen
+        whenever the step count crosses a multiple of their interval. Returns the last train/val
+        metrics and the state."""
         cfg, rank0 = self.cfg, self.rank == 0
+        step_fn = step_fn or self.train_step
         if rank0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.out_dir / "metrics.jsonl", self.resumed_from, enabled=rank0)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         peak = self.peak_flops
-        steps_left = cfg.max_steps - self.step
-        progress = Progress(total=steps_left, unit="steps", desc="train")
+        progress = Progress(total=cfg.max_steps - self.step, unit="steps", desc="train")
         last, val = {}, None
+
+        def crossed(before: int, every: int) -> bool:
+            return bool(every) and self.step // every > before // every
+
         try:
             if self.val_batches and cfg.eval_every and self.step == 0:
                 val = self._log_eval(log)
-            while self.step < cfg.max_steps and not self._should_stop():
-                t0 = time.perf_counter()
-                last = self.train_step()
+            while self.step < cfg.max_steps and not self.early_stop_reason() and not self._should_stop():
+                before, t0 = self.step, time.perf_counter()
+                last = step_fn()
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
                 tps = last["tokens"] / dt
-                rec = {"step": self.step, "split": "train", "tokens": self.tokens_seen, "loss": last["loss"],
-                       "lr": last["lr"], "grad_norm": last["grad_norm"], "tokens_per_s": tps,
+                rec = {"step": self.step, "split": "train", "tokens": self.tokens_seen,
+                       **{k: v for k, v in last.items() if k not in ("tokens", "skipped")},
+                       "tokens_per_s": tps,
                        "mfu": tps * self.flops_per_token / (peak * self.world) if self.flops_per_token and peak
                        else None, "elapsed": self.elapsed, "skipped": last["skipped"]}
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if hasattr(self.batches, "epoch"):
+                    rec["epoch"] = self.batches.epoch
+                if crossed(before, cfg.log_every) or self.step == cfg.max_steps:
                     log.write(rec)
-                progress.update(1, step=self.step, loss=last["loss"], **{"tok/s": f"{tps:,.0f}"})
-                if self.val_batches and cfg.eval_every and self.step % cfg.eval_every == 0:
+                shown = {k: v for k, v in last.items() if k not in ("count", "tokens", "skipped", "lr", "grad_norm")}
+                progress.update(self.step - before, step=self.step, **shown, **{"tok/s": f"{tps:,.0f}"})
+                if self.val_batches and crossed(before, cfg.eval_every):
                     val = self._log_eval(log)
-                if self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0:
+                if self.sample_fn and crossed(before, cfg.sample_every):
                     self._sample()
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps
-                        and not self.bad_steps):  # never checkpoint in the middle of a non-finite streak
+                if (crossed(before, cfg.checkpoint_every) and self.step < cfg.max_steps and not self.bad_steps
+                        and not self.early_stop_reason()):  # never checkpoint in the middle of a non-finite streak
                     self.save({"loss": last["loss"]})
             progress.close()
-            done = self.step >= cfg.max_steps
-            if done and self.val_batches and (not cfg.eval_every or self.step % cfg.eval_every):
+            reason = self.early_stop_reason()
+            done = self.step >= cfg.max_steps or reason is not None
+            if done and self.val_batches and not reason and (not cfg.eval_every or self.step % cfg.eval_every):
                 val = self._log_eval(log)
             if self._saved_step != self.step:  # (a rewound run may find an older step_N of this name)
                 self.save({"loss": last.get("loss"), "val_loss": val["loss"] if val else None})
+            if reason:
+                self.info["stopped early"] = f"at step {self.step}: {reason}"
+                print0(f"early stop at step {self.step}: {reason}")
             if rank0:
                 self.write_outputs()
             if not done:
@@ -357,18 +540,42 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         return {"step": self.step, "tokens_seen": self.tokens_seen, "train": last, "val": val,
-                "interrupted": self.step < cfg.max_steps, "skipped_steps": self.skipped_steps}
+                "interrupted": not done, "early_stopped": reason, "best": dict(self.best),
+                "skipped_steps": self.skipped_steps}
 
     def _log_eval(self, log: MetricsLog) -> dict:
         val = self.evaluate()
         log.write({"step": self.step, "split": "val", "tokens": self.tokens_seen, **val})
-        print0(f"step {self.step} | val loss {val['loss']:.4f} | ppl {val['ppl']:.2f}")
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in val.items() if k not in TOTALS)
+        print0(f"step {self.step} | val {shown}")
+        self._track_best(val)
         return val
 
+    def _track_best(self, val: dict) -> None:
+        """Update the best value of cfg.best_metric; save RUN_DIR/best/ when it improves."""
+        name, best = self.cfg.best_metric, self.best
+        if not name:
+            return
+        if name not in val:
+            raise ScratchError(f"train.best_metric {name!r} is not a validation metric of this stage; it reports "
+                               f"{', '.join(k for k in val if k not in TOTALS)}")
+        value = val[name]
+        if not math.isfinite(value):
+            best["evals_since"] += 1
+            return
+        better = best["value"] is None or (value < best["value"] if self.cfg.best_mode == "min"
+                                           else value > best["value"])
+        if better:
+            best.update(value=value, step=self.step, evals_since=0)
+            self.save_best(val)
+        else:
+            best["evals_since"] += 1
+
     def _sample(self) -> None:
-        text = self.sample_fn(self.model)  # every rank runs it: under FSDP the forward is collective
+        # every rank runs it through the root (not DDP, not compiled): under FSDP the forward is collective
+        text = self.sample_fn(ModelView(self._root, self.model))
         if self.fsdp:
-            self.model.reshard()
+            self._root.reshard()
         print0(f"step {self.step} | sample: {text!r}")
 
     def write_outputs(self) -> None:
@@ -378,4 +585,7 @@ class Trainer:
         cfg_file = self.out_dir / "config.toml"
         info = {**self.info, "precision": self.precision, "device": self.device, "processes": self.world,
                 "skipped steps": self.skipped_steps}
+        if self.best["step"] is not None:
+            info["best model"] = (f"{ckpt.BEST}/ ({self.cfg.best_metric} {self.best['value']:.4f} at step "
+                                  f"{self.best['step']})")
         write_report(self.out_dir / "report.md", records, info, cfg_file.read_text() if cfg_file.is_file() else "")

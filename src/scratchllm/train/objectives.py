@@ -13,6 +13,8 @@ What it does not do: any optimizer or device work; batches arrive already on the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -37,3 +39,9 @@ def next_token_objective(model, batch) -> tuple[torch.Tensor, dict]:
     idx, targets = batch
     _, loss_sum = model(idx, targets=targets, reduction="sum")
     return loss_sum, {"count": (targets != IGNORE_INDEX).sum()}
+
+
+def perplexity(metrics: dict) -> dict:
+    """exp(mean loss): the language-modelling view of a per-token loss (capped so it stays finite).
+    A `derived_metrics` hook of the Trainer: it sees the reduced metrics and adds {"ppl": ...}."""
+    return {"ppl": math.exp(min(metrics["loss"], 50.0))}

@@ -7,8 +7,12 @@ run or Hugging Face GPT-2 folder), checks that tokenizer, shards and model agree
 resolved `config.toml`, and trains with DDP (or FSDP2 with --fsdp) when launched by torchrun.
 --resume continues the run in --out (or the checkpoint / run folder given) exactly where it stopped,
 after checking that the config did not change in ways that would break it.
+--sampler sliding cuts the book's fixed windows (--stride) and --epochs counts passes over them.
+The shared steps (config, out dir, resume checks, distributed init, seeding, config.toml, exit code)
+come from stage.py; `pretrain(cfg)` is the stage as a Python function, `run(args)` its command.
 What it does not do: the loop itself (core.py) or the loss (objectives.py).
 
+    summary = pretrain(PretrainConfig(data="shards/", model_preset="tiny", out="runs/a"))
     scratchllm pretrain --input builtin:pydocs --tokenizer tok/ --model-preset tiny --out runs/a
     torchrun --nproc_per_node=2 -m scratchllm pretrain --data shards/ --model-preset small --out runs/b
 """
@@ -16,89 +20,21 @@ What it does not do: the loop itself (core.py) or the loss (objectives.py).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from scratchllm.common import ScratchError, atomic_write_text, print0, seed_everything, torch_dtype
-from scratchllm.configs import PretrainConfig, diff, resolve, to_dict, to_toml
-from scratchllm.train import checkpointing as ckpt
-from scratchllm.train.core import Trainer, init_distributed, write_safetensors
-from scratchllm.train.objectives import next_token_objective
+from scratchllm.common import ScratchError, print0, torch_dtype
+from scratchllm.configs import PretrainConfig
+from scratchllm.train import stage
+from scratchllm.train.core import Trainer, write_safetensors
+from scratchllm.train.objectives import next_token_objective, perplexity
 
-# argparse dest -> config field (None from argparse = flag not given, so TOML / defaults apply)
-FLAGS = {
-    "data": "data", "input": "input", "tokenizer": "tokenizer", "model_preset": "model_preset",
-    "model": "model", "out": "out", "block_size": "block_size", "fsdp": "fsdp",
-    **{k: f"train.{k}" for k in (
-        "max_steps", "batch_size", "grad_accum", "batch_tokens", "lr", "min_lr", "warmup_steps", "schedule",
-        "weight_decay", "grad_clip", "eval_every", "eval_batches", "sample_every", "sample_prompt",
-        "sample_tokens", "checkpoint_every", "keep_last", "log_every", "seed", "precision", "compile",
-        "device", "deterministic")},
-}
-# fields that may change between a run and its resumption (they do not change the math of a step)
-RESUME_FREE = {"out", "train.max_steps", "train.eval_every", "train.eval_batches", "train.sample_every",
-               "train.sample_prompt", "train.sample_tokens", "train.checkpoint_every", "train.keep_last",
-               "train.log_every", "train.max_bad_steps", "train.compile", "train.device"}
-
-
-def config_from_args(args, base: dict | None = None) -> PretrainConfig:
-    """defaults < `base` (the saved config of a run being resumed) < --config TOML < flags."""
-    overrides = {field: getattr(args, dest, None) for dest, field in FLAGS.items()}
-    if isinstance(overrides["train.compile"], bool):
-        overrides["train.compile"] = "on" if overrides["train.compile"] else "off"
-    return resolve(PretrainConfig, getattr(args, "config", None), overrides, base=base)
-
-
-def saved_config(args) -> tuple[dict | None, Path | None]:
-    """With --resume: (the run's saved config.toml as a dict, the checkpoint folder), else (None, None).
-    `--resume` alone continues --out; `--resume PATH` a checkpoint or run folder."""
-    import tomllib
-
-    resume = getattr(args, "resume", None)
-    if not resume:
-        return None, None
-    src = Path(resume) if resume is not True else Path(args.out) if args.out else None
-    if src is None:
-        raise ScratchError("--resume needs --out RUN_DIR (or --resume PATH)")
-    if resume is True and not ckpt.list_checkpoints(src):
-        print0(f"--resume: no checkpoint in {src} yet, starting a new run")
-        return None, None
-    folder = ckpt.resolve_checkpoint(src)
-    saved = folder.parent / "config.toml"
-    return (tomllib.loads(saved.read_text()) if saved.is_file() else None), folder
-
-
-def check_out_dir(out: Path, resume, overwrite: bool) -> None:
-    """Refuse a non-empty --out that is not ours to continue, unless asked to replace it."""
-    if not out.exists() or not any(out.iterdir()):
-        return
-    is_run = (out / "config.toml").is_file() or (out / "metrics.jsonl").is_file()
-    if resume and is_run:
-        return
-    if overwrite:
-        shutil.rmtree(out)
-        return
-    what = "holds another run (config.toml)" if is_run else "is not empty"
-    raise ScratchError(f"--out {out} {what}: pass --resume to continue that run or --overwrite to replace it")
-
-
-def check_resume_config(cfg: PretrainConfig, saved: dict, saved_toml: Path) -> None:
-    """Refuse to resume when a field that changes the math of a step differs from the saved run."""
-    changed = [f for f in diff(saved, to_dict(cfg)) if f not in RESUME_FREE]
-    if changed:
-        now = to_dict(cfg)
-
-        def get(d, dotted):
-            for part in dotted.split("."):
-                d = d.get(part) if isinstance(d, dict) else None
-            return d
-
-        details = "; ".join(f"{f}: {get(saved, f)!r} -> {get(now, f)!r}" for f in changed)
-        raise ScratchError(f"cannot resume: the config differs from {saved_toml} in {len(changed)} field(s): "
-                           f"{details}. Use the same settings, or start a new run (--overwrite / another --out)")
+# the stage's own argparse dest -> config field (the Trainer's flags are mapped by stage.train_overrides)
+FLAGS = {"data": "data", "input": "input", "tokenizer": "tokenizer", "model_preset": "model_preset",
+         "model": "model", "out": "out", "block_size": "block_size", "fsdp": "fsdp", "sampler": "sampler",
+         "stride": "stride"}
 
 
 def load_data(cfg: PretrainConfig, out: Path, tokenizer):
@@ -163,23 +99,16 @@ def make_sampler(model_cfg, tokenizer, prompt: str, n_tokens: int, seed: int):
     return sample
 
 
-def run(args) -> int:
-    from scratchllm.data.loaders import RandomWindowSampler, eval_batches
+def pretrain(cfg: PretrainConfig, *, resume=None, overwrite: bool = False) -> dict:
+    """Pretrain as configured; returns the Trainer's summary (step, train/val metrics, interrupted).
+    `resume`: True continues the run in cfg.out, a path continues that checkpoint or run folder."""
+    from scratchllm.data.loaders import RandomWindowSampler, SlidingWindowSampler, eval_batches
+    from scratchllm.data.shards import shard_tokenizer
     from scratchllm.tokenizer import load_tokenizer
     from scratchllm.train.flops import gpt_train_flops_per_token, matmul_peak_flops
 
-    base, resume_from = saved_config(args)
-    cfg = config_from_args(args, base)
-    tc, out = cfg.train, Path(cfg.out)
-    if base is not None:
-        check_resume_config(cfg, base, resume_from.parent / "config.toml")
-    device = init_distributed(tc.device)  # before the rank is read; the Trainer picks the same device
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if rank == 0:
-        check_out_dir(out, getattr(args, "resume", None), getattr(args, "overwrite", False))
-    if dist.is_initialized():
-        dist.barrier()
-    seed_everything(tc.seed)  # the same initial weights on every rank (FSDP shards them as they are)
+    run = stage.start(cfg, resume=resume, overwrite=overwrite)
+    tc, out, device, rank, world = cfg.train, run.out, run.device, run.rank, run.world
 
     model, tokenizer = load_start_model(cfg.model, cfg.block_size) if cfg.model else (None, None)
     if cfg.tokenizer:
@@ -189,9 +118,11 @@ def run(args) -> int:
                                f"({given.name}, {given.vocab_size} ids vs {tokenizer.name}, {tokenizer.vocab_size} "
                                "ids): drop --tokenizer to use the model's own")
         tokenizer = given
-    if tokenizer is None:
-        raise ScratchError("no tokenizer: pass --tokenizer (a folder or `gpt2`), or a --model folder holding one")
     shards = load_data(cfg, out, tokenizer)
+    tokenizer = tokenizer or shard_tokenizer(shards.path)
+    if tokenizer is None:
+        raise ScratchError("no tokenizer: pass --tokenizer (a folder or `gpt2`), a --model folder holding one, or "
+                           "shards prepared by this version (they remember theirs)")
     model = model or preset_model(cfg, shards.vocab_size)
     if world > 1:
         torch.manual_seed(tc.seed + rank)  # but different dropout masks per rank
@@ -212,8 +143,12 @@ def run(args) -> int:
         if sum(len(a) for a in arrays) <= block:
             raise ScratchError(f"the {split} shards of {shards.index.get('path', cfg.data)} hold fewer than "
                                f"block_size + 1 = {block + 1} tokens: use more data or a smaller --block-size")
-    sampler = RandomWindowSampler(shards.train, block, tc.batch_size, seed=tc.seed, rank=rank, world_size=world,
-                                  device=device)  # pinned, non-blocking copies on CUDA
+    common = dict(seed=tc.seed, rank=rank, world_size=world, device=device)  # pinned, non-blocking on CUDA
+    if cfg.sampler == "sliding":
+        sampler = SlidingWindowSampler(shards.train, block, tc.batch_size, stride=cfg.stride or block, **common)
+    else:
+        sampler = RandomWindowSampler(shards.train, block, tc.batch_size, **common)
+    stage.steps_for_epochs(tc, sampler.batches_per_epoch)
 
     def write_model(folder: Path, state: dict) -> None:
         write_safetensors(folder, state)
@@ -224,32 +159,38 @@ def run(args) -> int:
             "parameters": f"{model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)",
             "data": f"{cfg.data or cfg.input}: {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens",
             "tokenizer": f"{tokenizer.name} ({tokenizer.vocab_size} ids)",
+            "sampler": f"{cfg.sampler} windows" + (f", stride {cfg.stride or block}" if cfg.sampler == "sliding" else "")
+                       + f", {sampler.batches_per_epoch} batches per epoch",
             "global batch": f"{tc.batch_size * block * tc.grad_accum * world:,} tokens "
                             f"({tc.batch_size} x {block} x {tc.grad_accum} accum x {world} processes)"}
+    if tc.epochs:
+        info["epochs"] = f"{tc.epochs} ({tc.max_steps} steps)"
     trainer = Trainer(
         model, tc, next_token_objective, sampler, out_dir=out,
-        val_batches=lambda: eval_batches(shards.val, block, tc.batch_size, max_batches=tc.eval_batches * world,
-                                         device=device),
+        val_batches=lambda: eval_batches(shards.val, block, tc.batch_size,
+                                         max_batches=tc.eval_batches * world or None, device=device),
         sample_fn=make_sampler(mcfg, tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed),
-        write_model=write_model, flops_per_token=gpt_train_flops_per_token(mcfg), info=info, fsdp=cfg.fsdp)
+        write_model=write_model, flops_per_token=gpt_train_flops_per_token(mcfg), info=info, fsdp=cfg.fsdp,
+        derived_metrics=perplexity)
     if rank == 0:  # MFU's ceiling: this device's matmul speed in the precision the run really uses
         trainer.peak_flops = matmul_peak_flops(trainer.device, torch_dtype(trainer.precision))
-    if resume_from is not None:
-        trainer.resume(resume_from)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.toml", to_toml(cfg))
-        print0(f"pretraining {info['model']}: {info['parameters']} parameters; {info['global batch']} per step; "
-               f"{trainer.precision} on {trainer.device}; run folder {out}")
+    if run.resume_from is not None:
+        trainer.resume(run.resume_from)
+    stage.write_config(run)
+    print0(f"pretraining {info['model']}: {info['parameters']} parameters; {info['global batch']} per step; "
+           f"{trainer.precision} on {trainer.device}; run folder {out}")
     summary = trainer.fit()
-    if dist.is_initialized():
-        # every rank tears gloo down together: a rank that exits while another is still writing
-        # outputs can abort in gloo's worker threads ("terminate called without an active exception")
-        dist.barrier()
-        dist.destroy_process_group()
+    summary["exit_code"] = stage.finish(summary)
+    return summary
+
+
+def run(args) -> int:
+    """`scratchllm pretrain ...`: build the config from the flags, then pretrain."""
+    cfg = stage.config_from_args(PretrainConfig, args, FLAGS)
+    summary = pretrain(cfg, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False))
     if summary["interrupted"]:
-        return 130
+        return summary["exit_code"]
     val, train = summary["val"], summary["train"]
     print0(f"done: step {summary['step']}" + (f", train loss {train['loss']:.4f}" if train else " (nothing to do)")
-           + (f", val loss {val['loss']:.4f} (ppl {val['ppl']:.2f})" if val else "") + f"; outputs in {out}")
-    return 0
+           + (f", val loss {val['loss']:.4f} (ppl {val['ppl']:.2f})" if val else "") + f"; outputs in {cfg.out}")
+    return summary["exit_code"]

@@ -1,7 +1,8 @@
 """What a run leaves for people to read: `metrics.jsonl`, `loss.png` and `report.md`.
 
 What it does: `MetricsLog` appends one JSON object per line (train lines carry step, tokens, loss, lr,
-grad_norm, tokens_per_s, mfu, elapsed; validation lines step, tokens, split="val", loss, ppl) and, on
+grad_norm, tokens_per_s, mfu, elapsed and the objective's metrics; validation lines step, tokens,
+split="val" and the objective's metrics) and, on
 resume, first drops the lines written after the checkpoint being resumed, so the file reads as one
 uninterrupted run. `plot_loss` draws train and validation loss against tokens seen (matplotlib, Agg
 backend, written atomically); `write_report` writes report.md.
@@ -51,24 +52,48 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+VAL_SKIP = ("step", "tokens", "split", "count")
+
+
+def val_metric_names(records: list[dict]) -> list[str]:
+    """The numeric metrics of the validation lines, loss first (an objective's accuracy, margin, ppl)."""
+    names: list[str] = []
+    for r in records:
+        if r.get("split") == "val":
+            names += [k for k, v in r.items() if k not in VAL_SKIP and k not in names
+                      and isinstance(v, int | float) and not isinstance(v, bool)]
+    return sorted(names, key=lambda k: (k != "loss", k))
+
+
 def plot_loss(records: list[dict], png: str | Path) -> None:
-    """Train loss (light) and validation loss (markers) against tokens seen."""
+    """Train loss (light) and validation loss (markers) against tokens seen; a second panel shows the
+    other validation metrics (accuracy, margins...) when the objective reports any besides perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(r["tokens"], r["loss"]) for r in records if r.get("split") == "train" and math.isfinite(r["loss"])]
-    val = [(r["tokens"], r["loss"]) for r in records if r.get("split") == "val"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    val_recs = [r for r in records if r.get("split") == "val"]
+    others = [k for k in val_metric_names(records) if k not in ("loss", "ppl")]
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(12 if others else 7, 4), dpi=110, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", ms=4, label="validation")
+    if val_recs:
+        ax.plot([r["tokens"] for r in val_recs], [r["loss"] for r in val_recs], "o-", ms=4, label="validation")
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if others:
+        ax2 = axes[0][1]
+        for k in others:
+            pts = [(r["tokens"], r[k]) for r in val_recs if isinstance(r.get(k), int | float)]
+            ax2.plot(*zip(*pts), "o-", ms=4, label=f"validation {k}")
+        ax2.set_xlabel("tokens seen")
+        ax2.grid(alpha=0.3)
+        ax2.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -77,7 +102,7 @@ def plot_loss(records: list[dict], png: str | Path) -> None:
 
 
 def write_report(path: str | Path, records: list[dict], info: dict, config_text: str) -> None:
-    """report.md: what was trained on what, final losses, throughput, the plot and the config."""
+    """report.md: what was trained on what, final metrics, throughput, the plot and the config."""
     train = [r for r in records if r.get("split") == "train"]
     val = [r for r in records if r.get("split") == "val"]
     lines = ["# Training report", ""]
@@ -95,8 +120,12 @@ def write_report(path: str | Path, records: list[dict], info: dict, config_text:
         if mfus:
             lines.append(f"- **MFU**: median {sorted(mfus)[len(mfus) // 2]:.1%}")
     if val:
-        lines.append(f"- **final validation loss**: {val[-1]['loss']:.4f} (perplexity {val[-1]['ppl']:.2f})")
-        lines += ["", "| step | tokens | val loss | perplexity |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['step']} | {r['tokens']:,} | {r['loss']:.4f} | {r['ppl']:.2f} |" for r in val]
+        names = val_metric_names(records)
+        final = ", ".join(f"{k} {val[-1][k]:.4f}" for k in names if k in val[-1])
+        lines.append(f"- **final validation**: {final}")
+        lines += ["", "| step | tokens | " + " | ".join(f"val {k}" for k in names) + " |",
+                  "|---:|---:|" + "---:|" * len(names)]
+        lines += [f"| {r['step']} | {r['tokens']:,} | " + " | ".join(
+            f"{r[k]:.4f}" if isinstance(r.get(k), int | float) else "" for k in names) + " |" for r in val]
     lines += ["", "![loss](loss.png)", "", "## Config", "", "```toml", config_text.rstrip(), "```", ""]
     atomic_write_text(path, "\n".join(lines))
