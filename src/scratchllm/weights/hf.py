@@ -22,11 +22,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from scratchllm.common import ScratchError, atomic_dir, read_json
 from scratchllm.model import GPT, ModelConfig
+from scratchllm.weights.state import empty_model, load_state_dict_checked, read_safetensors
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation GPT-2 uses
@@ -101,17 +101,8 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ScratchError(f"{path}: cannot read safetensors file ({e})") from None
-
-
 def load_hf_gpt2(path: str | Path, device="cpu") -> GPT:
     """Our GPT from a HF GPT-2 folder (config.json + model.safetensors) or its model.safetensors file."""
-    from scratchllm.weights.checkpoint import empty_model, load_state_dict_checked
-
     path = Path(path).expanduser()
     folder = path.parent if path.is_file() else path
     weights = path if path.is_file() else folder / "model.safetensors"

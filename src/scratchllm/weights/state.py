@@ -1,0 +1,167 @@
+"""Model state on disk: the rules that every writer and reader of model weights shares.
+
+What it does, once for the whole package (model folders in checkpoint.py and hf.py, training
+checkpoints in train/):
+- names: `unwrap_key` / `unwrap_model` strip the `_orig_mod.` (torch.compile) and `module.` (DDP)
+  wrappers; `tied_names` lists the parameters that alias an earlier one (a tied `lm_head.weight`),
+  which are saved once, under the first name; `state_to_save` applies both to a state dict.
+- loading: `load_state_dict_checked` copies weights into a model, or raises one ScratchError that
+  lists every missing, unexpected and misshapen key; `empty_model` allocates a GPT to load into;
+  `read_safetensors` reads a file with a clear error.
+- run folders: `write_latest` / `read_latest` / `resolve_latest` handle `RUN_DIR/latest`, the file
+  that names the newest complete checkpoint folder.
+What it does not do: choose file names inside a folder, write folders atomically, or hold any
+training state (optimizer, RNG): checkpoint.py and train/checkpointing.py do those. It imports
+only torch, safetensors and common.py, so any layer can import it without a cycle.
+
+    state = state_to_save(compiled_model)       # unwrapped names, tied head left out
+    load_state_dict_checked(model, state, "run/step_0000100/model.safetensors")
+    folder = resolve_latest("runs/x", "config.json")   # runs/x/step_XXXXXXX
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from scratchllm.common import ScratchError, atomic_write_text
+
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
+LATEST = "latest"  # RUN_DIR/latest holds the name of the newest complete checkpoint folder
+
+
+# --------------------------------------------------------------------------------------------- names
+def unwrap_key(key: str) -> str:
+    """'module._orig_mod.transformer.wte.weight' -> 'transformer.wte.weight'."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside torch.compile (`_orig_mod`) and DDP (`module`) wrappers, however nested."""
+    while True:
+        for attr in ("_orig_mod", "module"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, torch.nn.Module):
+                model = inner
+                break
+        else:
+            return model
+
+
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """Unwrapped names of the parameters that alias an earlier-registered one: saved once, under the
+    first name. For a GPT with tied embeddings: {'lm_head.weight'} (it is transformer.wte.weight)."""
+    every = {unwrap_key(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {unwrap_key(n) for n, _ in model.named_parameters()}
+
+
+def state_to_save(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """`state` (default: model.state_dict()) with wrapper prefixes stripped and the aliases of
+    `tied_names(model)` left out. Tensors are not copied or moved: writers do `.cpu().contiguous()`."""
+    state = model.state_dict() if state is None else state
+    drop = tied_names(model)
+    out = {unwrap_key(k): v for k, v in state.items()}
+    return {k: v for k, v in out.items() if k not in drop}
+
+
+# --------------------------------------------------------------------------------------------- loading
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, on the CPU; an unreadable file is a ScratchError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ScratchError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def empty_model(config, device="cpu"):
+    """A GPT for `config` with uninitialised weights (built on the meta device, so no time goes into
+    random init), meant to be filled by load_state_dict_checked. A tied head is re-tied after
+    allocation."""
+    from scratchllm.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def _listed(title: str, items: list[str], limit: int = 12) -> str:
+    """'missing keys (3): a; b; c', cut after `limit` items."""
+    shown = "; ".join(items[:limit]) + (f"; ... ({len(items) - limit} more)" if len(items) > limit else "")
+    return f"{title} ({len(items)}): {shown}"
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                            expected: Iterable[str] | None = None) -> None:
+    """Copy `state` into `model` (values cast to the model's dtype and device), or raise one
+    ScratchError naming every missing, unexpected and misshapen key.
+
+    Wrapper prefixes are stripped on both sides. Aliases (`tied_names`) are never required, and a
+    copy stored by a writer that kept them is ignored. `expected`: the names that must be present
+    (default: every tensor of the model's state dict but the aliases; a partial checkpoint passes
+    its trainable names)."""
+    inner = unwrap_model(model)
+    tied = tied_names(inner)
+    shapes = {k: tuple(v.shape) for k, v in inner.state_dict().items() if k not in tied}
+    want = set(shapes) if expected is None else {unwrap_key(k) for k in expected} - tied
+    state = {unwrap_key(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k not in tied}
+    missing = sorted(want - set(state))
+    unexpected = sorted(set(state) - want)
+    misshapen = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {shapes[k]}"
+                 for k in shapes if k in want and k in state and tuple(state[k].shape) != shapes[k]]
+    problems = [_listed(title, items) for title, items in
+                (("shape mismatch", misshapen), ("missing keys", missing), ("unexpected keys", unexpected)) if items]
+    if problems:
+        raise ScratchError(f"{source}: weights do not fit the model config: " + " | ".join(problems))
+    inner.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------------------------- run folders
+def write_latest(run_dir: str | os.PathLike, folder_name: str) -> None:
+    """Point RUN_DIR/latest at RUN_DIR/folder_name (atomically: readers see the old or the new name)."""
+    if not folder_name or Path(folder_name).name != folder_name:
+        raise ValueError(f"latest must name a folder inside the run folder, got {folder_name!r}")
+    atomic_write_text(Path(run_dir) / LATEST, folder_name + "\n")
+
+
+def read_latest(run_dir: str | os.PathLike) -> str | None:
+    """The folder name RUN_DIR/latest holds ('' when the file is empty), or None when there is none."""
+    latest = Path(run_dir) / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def resolve_latest(path: str | os.PathLike, marker: str) -> Path:
+    """`path` itself when it holds the file `marker` (e.g. config.json, meta.json), else the folder
+    its `latest` file names, which must hold `marker` too. Anything else is a ScratchError.
+
+        resolve_latest("runs/x", "meta.json")                  # -> runs/x/step_0000100
+        resolve_latest("runs/x/step_0000100", "meta.json")     # -> the same folder
+    """
+    path = Path(path)
+    if (path / marker).is_file():
+        return path
+    name = read_latest(path)
+    if name is None:
+        raise ScratchError(f"{path}: no {marker} here and no `{LATEST}` file: neither a checkpoint (or model) "
+                           "folder nor a run folder")
+    target = path / name
+    if not name or Path(name).name != name or not (target / marker).is_file():
+        raise ScratchError(f"{path / LATEST} points to {name!r}, which is not a complete checkpoint folder "
+                           f"(no {target / marker})")
+    return target

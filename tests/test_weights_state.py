@@ -1,0 +1,94 @@
+"""weights/state.py, the one home of the state-dict rules: tied (aliased) names, wrapper prefixes,
+checked loading with every bad key named, and a run folder's `latest` pointer."""
+
+import pytest
+import torch
+
+from scratchllm.common import ScratchError
+from scratchllm.model import GPT, ModelConfig
+from scratchllm.weights.state import (
+    LATEST,
+    empty_model,
+    load_state_dict_checked,
+    read_latest,
+    resolve_latest,
+    state_to_save,
+    tied_names,
+    unwrap_key,
+    unwrap_model,
+    write_latest,
+)
+
+
+def make(**overrides):
+    torch.manual_seed(0)
+    return GPT(ModelConfig.from_preset("tiny", vocab_size=64, block_size=8, **overrides))
+
+
+class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel: the model is `.module`
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_tied_names_and_unwrapping():
+    tied, untied = make(), make(tie_embeddings=False)
+    assert tied_names(tied) == {"lm_head.weight"} and tied_names(untied) == set()
+    wrapped = Wrapper(torch.compile(tied))  # not run: only names matter
+    assert unwrap_model(wrapped) is tied and tied_names(wrapped) == {"lm_head.weight"}
+    assert unwrap_key("module._orig_mod.transformer.wte.weight") == "transformer.wte.weight"
+    saved = state_to_save(wrapped)
+    assert set(saved) == set(tied.state_dict()) - {"lm_head.weight"}
+    assert saved["transformer.wte.weight"].data_ptr() == tied.transformer.wte.weight.data_ptr()  # not copied
+    assert set(state_to_save(untied)) == set(untied.state_dict())
+
+
+def test_checked_load_round_trip_and_every_bad_key_named():
+    src = make()
+    dst = empty_model(src.config)
+    assert dst.lm_head.weight is dst.transformer.wte.weight  # re-tied after allocation
+    load_state_dict_checked(dst, {f"_orig_mod.{k}": v for k, v in state_to_save(src).items()}, "src")
+    assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), src.state_dict().values()))
+    load_state_dict_checked(dst, src.state_dict(), "with head")  # a writer that kept the tied copy: fine
+
+    state = state_to_save(src)
+    state.pop("transformer.h.0.ln_1.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["transformer.wte.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ScratchError) as e:
+        load_state_dict_checked(dst, state, "bad.safetensors")
+    msg = str(e.value)
+    assert msg.startswith("bad.safetensors: weights do not fit the model config")
+    assert "shape mismatch (1): transformer.wte.weight: checkpoint (3, 3) vs model (64, 128)" in msg
+    assert "missing keys (1): transformer.h.0.ln_1.weight" in msg and "unexpected keys (1): extra.weight" in msg
+
+
+def test_checked_load_of_a_partial_state():
+    src, dst = make(), make()
+    torch.nn.init.zeros_(dst.transformer.ln_f.weight)
+    part = {"transformer.ln_f.weight": src.transformer.ln_f.weight.detach().clone()}
+    load_state_dict_checked(dst, part, "head only", expected=part)
+    assert torch.equal(dst.transformer.ln_f.weight, src.transformer.ln_f.weight)
+    with pytest.raises(ScratchError, match=r"missing keys \(1\): transformer.ln_f.bias"):
+        load_state_dict_checked(dst, part, "head only", expected=[*part, "transformer.ln_f.bias"])
+
+
+def test_latest_pointer(tmp_path):
+    run = tmp_path / "run"
+    assert read_latest(run) is None
+    (run / "step_0000002").mkdir(parents=True)
+    (run / "step_0000002" / "meta.json").write_text("{}")
+    write_latest(run, "step_0000002")
+    assert (run / LATEST).read_text() == "step_0000002\n" and read_latest(run) == "step_0000002"
+    assert resolve_latest(run, "meta.json") == run / "step_0000002"
+    assert resolve_latest(run / "step_0000002", "meta.json") == run / "step_0000002"  # a checkpoint itself
+    with pytest.raises(ScratchError, match=r"points to 'step_0000002', which is not a complete checkpoint folder "
+                                           r"\(no .*config.json\)"):
+        resolve_latest(run, "config.json")
+    (run / LATEST).write_text("../elsewhere\n")  # only a folder inside the run counts
+    with pytest.raises(ScratchError, match="points to '../elsewhere'"):
+        resolve_latest(run, "meta.json")
+    with pytest.raises(ScratchError, match="no meta.json here and no `latest` file"):
+        resolve_latest(tmp_path, "meta.json")
+    with pytest.raises(ValueError, match="inside the run folder"):
+        write_latest(run, "a/b")
