@@ -117,6 +117,29 @@ def test_export_untied_head_and_bias_free(tmp_path, small_tokenizer, switches):
         assert (hf(idx).logits - ours(idx)).abs().max().item() <= 1e-4
 
 
+def test_export_into_an_empty_folder_and_refusal_of_a_full_one(tmp_path, small_tokenizer):
+    torch.manual_seed(0)
+    ours = GPT(ModelConfig(block_size=16, vocab_size=small_tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    out = tmp_path / "hf"
+    out.mkdir()  # e.g. made by a job scheduler or a mounted volume: empty, so it is used
+    assert export_hf(ours, small_tokenizer, out) == out
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = torch.randint(0, small_tokenizer.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max().item() <= 1e-4
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ScratchError, match=r"hf already exists and is not empty \(pass --overwrite"):
+        export_hf(ours, small_tokenizer, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused before anything was written
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ScratchError, match="already exists and is a file"):
+        export_hf(ours, small_tokenizer, tmp_path / "file")
+    (out / "stray.txt").write_text("old")
+    export_hf(ours, small_tokenizer, out, overwrite=True)  # replaced as a whole: the stray file is gone
+    assert not (out / "stray.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
+
+
 def test_gpt2_vocab_and_merges_reproduce_openai_files(shared_data, gpt2_tiktoken):
     vocab, merges = hf_vocab_and_merges(load_tokenizer("gpt2"))
     assert vocab == json.loads((shared_data / "gpt2" / "encoder.json").read_text(encoding="utf-8"))

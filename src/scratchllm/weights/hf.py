@@ -191,14 +191,22 @@ def load_hf_tokenizer(folder: str | Path):
 
 
 def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a HF GPT-2 folder (weights + tokenizer) that transformers loads unchanged."""
+    """Write a HF GPT-2 folder (weights + tokenizer) that transformers loads unchanged.
+
+    `out_dir` may be missing or an empty folder; anything else (a non-empty folder, a file) is
+    refused unless `overwrite`, which replaces it only once the new folder is complete."""
+    out_dir = Path(out_dir)
+    empty_dir = out_dir.is_dir() and not any(out_dir.iterdir())
+    if out_dir.exists() and not (empty_dir or overwrite):
+        kind = "is not empty" if out_dir.is_dir() else "is a file"
+        raise ScratchError(f"{out_dir} already exists and {kind} (pass --overwrite to replace it)")
     cfg = model.config
     eot = tokenizer.eot_token if tokenizer is not None else None
     hf_config = config_to_hf(cfg, eot)  # refuses Llama-style configs before anything is written
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ScratchError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                            f"{cfg.vocab_size} embedding rows: they do not belong together")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite or empty_dir) as tmp:  # an empty folder is replaced
         save_file(state_dict_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:
@@ -212,4 +220,4 @@ def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = Fals
                           "add_prefix_space": False, "add_bos_token": False, **specials}
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
             (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
-    return Path(out_dir)
+    return out_dir
