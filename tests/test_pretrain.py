@@ -137,3 +137,47 @@ def test_bad_inputs_get_clear_errors(inputs, tmp_path):
     with pytest.raises(ScratchError, match="is not the tokenizer of --model .*drop --tokenizer"):
         pretrain("--data", str(inputs["shards"]), "--model", str(run), "--tokenizer", str(tmp_path / "other_tok"),
                  "--out", str(tmp_path / "f"))
+
+
+def test_shards_remember_their_tokenizer(inputs, tmp_path):
+    """`pretrain --data shards/` needs no --tokenizer: the shard folder remembers the one it was made with."""
+    run = tmp_path / "run"
+    assert pretrain("--data", str(inputs["shards"]), "--config", str(inputs["config"]), "--out", str(run),
+                    "--max-steps", "2", "--eval-every", "0") == 0
+    from scratchllm.tokenizer import Tokenizer
+
+    saved = Tokenizer.load(run / "step_0000002" / "tokenizer")
+    assert saved.fingerprint() == Tokenizer.load(inputs["tokenizer"]).fingerprint()
+
+
+def test_sliding_windows_counted_in_epochs(inputs, tmp_path):
+    """--sampler sliding --stride S --epochs E: max_steps = E x batches per epoch; each train line says
+    its epoch; the Python function and the command are the same stage."""
+    from scratchllm.configs import PretrainConfig, resolve
+    from scratchllm.data.loaders import SlidingWindowSampler
+    from scratchllm.data.shards import open_shards
+    from scratchllm.train.pretrain import pretrain as pretrain_fn
+
+    per_epoch = SlidingWindowSampler(open_shards(inputs["shards"]).train, 32, 4, stride=64).batches_per_epoch
+    cfg = resolve(PretrainConfig, inputs["config"], {"data": str(inputs["shards"]), "out": str(tmp_path / "run"),
+                                                     "sampler": "sliding", "stride": 64, "train.epochs": 2,
+                                                     "train.eval_every": 0, "train.checkpoint_every": 0})
+    summary = pretrain_fn(cfg)
+    assert summary["step"] == 2 * per_epoch and summary["exit_code"] == 0 and not summary["interrupted"]
+    epochs = [r["epoch"] for r in records(tmp_path / "run")]
+    assert epochs[0] == 0 and epochs[-1] == 2 and epochs == sorted(epochs)
+    toml = (tmp_path / "run" / "config.toml").read_text()
+    assert 'sampler = "sliding"' in toml and "stride = 64" in toml and "epochs = 2" in toml
+    with pytest.raises(ScratchError, match="stride 8: give a stride >= 1 only with --sampler sliding"):
+        pretrain(*base_args(inputs, tmp_path / "b"), "--stride", "8")
+
+
+def test_overwrite_replaces_only_a_run_folder(inputs, tmp_path):
+    mine = tmp_path / "u"
+    mine.mkdir()
+    (mine / "precious.doc").write_text("x")
+    with pytest.raises(ScratchError, match=r"not a run folder of ours \(it holds precious.doc\).*refused"):
+        pretrain(*base_args(inputs, mine, steps=1), "--overwrite")
+    assert (mine / "precious.doc").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    assert pretrain(*base_args(inputs, tmp_path / "empty", steps=1), "--eval-every", "0") == 0
