@@ -1,4 +1,4 @@
-"""Byte-level BPE from scratch: the split patterns, the trainer, and a pure-Python reference encoder.
+"""Byte-level BPE training from scratch: pre-tokenized chunk counts, the merge learner, `train_bpe`.
 
 Training (`learn_merges`, used by `train_bpe`) is the classic algorithm: split the text into chunks
 with a regex, count each distinct chunk once, start every chunk as its UTF-8 bytes (ids 0..255), then
@@ -14,9 +14,8 @@ Tie-break (documented, deterministic): among pairs with the same count, the pair
     >>> [(a, b) for (a, b), _ in merges]      # aa -> 256, ab -> 257, (aa)(ab) -> 258
     [(97, 97), (97, 98), (256, 257)]
 
-The reference encoder (`bpe_encode_reference`) applies ranks the way tiktoken does: repeatedly merge
-the adjacent pair whose concatenated bytes has the lowest rank. It exists to check the fast path
-(tiktoken's Rust core, see tokenizer.py) and to teach; it is far too slow for real work.
+The split patterns and the reference encoder (how ranks are applied) live in base.py, below both this
+trainer and the Tokenizer (tokenizer.py) that `train_bpe` returns.
 """
 
 from __future__ import annotations
@@ -28,23 +27,8 @@ from collections.abc import Iterable
 import regex
 
 from scratchllm.common import Progress, ScratchError
-
-# GPT-2's split pattern (tiktoken's equivalent, faster form) and the GPT-4 (cl100k) pattern.
-PATTERNS = {
-    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
-}
-
-
-def resolve_pattern(pattern: str) -> tuple[str, str]:
-    """Pattern name -> (name, regex string). Unknown names raise ScratchError.
-
-    >>> resolve_pattern("gpt2")[0]
-    'gpt2'
-    """
-    if pattern not in PATTERNS:
-        raise ScratchError(f"unknown pattern {pattern!r}: expected one of {', '.join(PATTERNS)}")
-    return pattern, PATTERNS[pattern]
+from scratchllm.tokenizer.base import PATTERNS, resolve_pattern  # noqa: F401 (tokenizer/__init__ imports PATTERNS here)
+from scratchllm.tokenizer.tokenizer import Tokenizer, check_special_tokens
 
 
 def split_on_specials(text: str, special_tokens: Iterable[str]) -> list[str]:
@@ -151,29 +135,6 @@ def learn_merges(chunk_counts: dict[bytes, int], num_merges: int, progress: bool
     return merges
 
 
-def bpe_encode_reference(data: bytes, ranks: dict[bytes, int], max_rank: int | None = None) -> list[bytes]:
-    """Split `data` into tokens with the BPE merge loop, using only the ranks (as tiktoken does).
-
-    Repeatedly merge the adjacent pair whose concatenation has the lowest rank (below `max_rank` if
-    given) until no adjacent pair is in the vocabulary. Returns the token byte strings.
-
-    >>> ranks = {bytes([i]): i for i in range(256)} | {b"aa": 256, b"ab": 257, b"aaab": 258}
-    >>> bpe_encode_reference(b"aaabdaaabac", ranks)
-    [b'aaab', b'd', b'aaab', b'a', b'c']
-    """
-    parts = [bytes([x]) for x in data]
-    while len(parts) > 1:
-        best_i, best_rank = -1, None
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and (max_rank is None or r < max_rank) and (best_rank is None or r < best_rank):
-                best_i, best_rank = i, r
-        if best_rank is None:
-            break
-        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-    return parts
-
-
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = (), pattern: str = "gpt2",
               progress: bool = False, name: str = "scratchllm"):
     """Train a byte-level BPE tokenizer; returns a `Tokenizer`.
@@ -187,8 +148,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
     [258, 100, 258, 97, 99]
     """
     import warnings
-
-    from scratchllm.tokenizer.tokenizer import Tokenizer, check_special_tokens
 
     if isinstance(texts, str | bytes):
         raise ScratchError("train_bpe takes a list of texts, not one string: train_bpe([text], ...)")

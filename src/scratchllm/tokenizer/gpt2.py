@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from scratchllm.common import ScratchError, read_json
-from scratchllm.tokenizer.bpe import PATTERNS
+from scratchllm.tokenizer.base import PATTERNS
 from scratchllm.tokenizer.tokenizer import EOT, Tokenizer, read_ranks_file
 
 GPT2_EOT_ID = 50256

@@ -1,7 +1,7 @@
 """The Tokenizer: byte-level BPE ranks + a split pattern + special tokens.
 
 Encoding runs on tiktoken's Rust core, built from *our* ranks, pattern and specials (the fast path);
-`encode_reference` does the same job in pure Python with the merge loop of bpe.py and must give the
+`encode_reference` does the same job in pure Python with the merge loop of base.py and must give the
 same ids. Special tokens follow tiktoken's rules: a special token found in plain text raises unless it
 is allowed (`allowed_special={"<|endoftext|>"}` or `"all"`), or it is encoded as plain text when it is
 not disallowed (`disallowed_special=()`).
@@ -29,7 +29,7 @@ import regex
 import tiktoken
 
 from scratchllm.common import ScratchError, atomic_dir, read_json
-from scratchllm.tokenizer.bpe import PATTERNS, bpe_encode_reference
+from scratchllm.tokenizer.base import PATTERNS, bpe_encode_reference
 
 FORMAT_VERSION = 1
 EOT = "<|endoftext|>"

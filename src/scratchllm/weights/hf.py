@@ -161,7 +161,7 @@ def load_hf_tokenizer(folder: str | Path):
     """Our Tokenizer from a HF GPT-2 folder's vocab.json (ids = ranks), with the special tokens and the
     split pattern of its tokenizer.json when present (GPT-2's pattern otherwise); None without vocab.json."""
     from scratchllm.tokenizer import Tokenizer
-    from scratchllm.tokenizer.bpe import PATTERNS
+    from scratchllm.tokenizer.base import PATTERNS
     from scratchllm.tokenizer.gpt2 import bytes_to_unicode
 
     folder = Path(folder)
