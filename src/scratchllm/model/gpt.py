@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from scratchllm.common import ScratchError
 from scratchllm.model.config import ModelConfig
-from scratchllm.model.kv_cache import KVCache
+from scratchllm.model.kv_cache import KVCache, padded_causal_mask
 from scratchllm.model.loss import linear_cross_entropy
 
 
@@ -46,22 +46,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, head_dim/2)
     return angles.cos(), angles.sin()
-
-
-def padded_causal_mask(key_is_real: torch.Tensor, T: int) -> torch.Tensor:
-    """Boolean attention mask (B, 1, T, L), True = may attend, for queries at the last T of L columns:
-    causal, and keys where key_is_real (B, L) is 0 are hidden. Every query still sees its own column,
-    so a padding query's softmax stays finite (its output is meaningless and must not be used).
-    The same rule as KVCache.attn_mask, for any padding pattern (left, right or both).
-
-        key_is_real [[0, 1, 1]], T=3 -> [[[[1, 0, 0], [0, 1, 0], [0, 1, 1]]]]
-    """
-    L = key_is_real.shape[1]
-    q_col = torch.arange(L - T, L, device=key_is_real.device)[:, None]  # (T, 1) column of each query
-    k_col = torch.arange(L, device=key_is_real.device)[None, :]  # (1, L)
-    causal = k_col <= q_col  # (T, L)
-    visible = key_is_real.bool()[:, None, :] | (k_col == q_col)[None]  # (B, T, L)
-    return (causal[None] & visible)[:, None]  # (B, 1, T, L)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,22 @@ from scratchllm.common import ScratchError
 from scratchllm.model.config import ModelConfig
 
 
+def padded_causal_mask(key_is_real: torch.Tensor, T: int) -> torch.Tensor:
+    """Boolean attention mask (B, 1, T, L), True = may attend, for queries at the last T of L columns:
+    causal, and keys where key_is_real (B, L) is 0 are hidden. Every query still sees its own column,
+    so a padding query's softmax stays finite (its output is meaningless and must not be used).
+    Any padding pattern (left, right or both); KVCache.attn_mask uses it for left-padded caches.
+
+        key_is_real [[0, 1, 1]], T=3 -> [[[[1, 0, 0], [0, 1, 0], [0, 1, 1]]]]
+    """
+    L = key_is_real.shape[1]
+    q_col = torch.arange(L - T, L, device=key_is_real.device)[:, None]  # (T, 1) column of each query
+    k_col = torch.arange(L, device=key_is_real.device)[None, :]  # (1, L)
+    causal = k_col <= q_col  # (T, L)
+    visible = key_is_real.bool()[:, None, :] | (k_col == q_col)[None]  # (B, T, L)
+    return (causal[None] & visible)[:, None]  # (B, 1, T, L)
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device="cpu",
                  dtype: torch.dtype = torch.float32):
@@ -72,15 +88,10 @@ class KVCache:
         causal attention is exact (no padding and either a fresh cache or a single new token)."""
         if self.pad_lens is None and (self.pos == 0 or T == 1):
             return None
-        L = self.pos + T
-        q_pos = torch.arange(self.pos, L, device=self.k.device)[:, None]  # (T, 1) absolute column
-        k_pos = torch.arange(L, device=self.k.device)[None, :]  # (1, L)
-        mask = k_pos <= q_pos  # (T, L) causal
-        if self.pad_lens is not None:
-            real_key = k_pos[None] >= self.pad_lens[:, None, None]  # (B, 1, L)
-            mask = mask[None] & (real_key | (k_pos == q_pos)[None])  # (B, T, L)
-            return mask[:, None]  # (B, 1, T, L)
-        return mask[None, None].expand(self.batch_size, 1, T, L)  # (B, 1, T, L)
+        k_pos = torch.arange(self.pos + T, device=self.k.device)[None, :]  # (1, L)
+        if self.pad_lens is None:
+            return padded_causal_mask(torch.ones_like(k_pos), T).expand(self.batch_size, -1, -1, -1)
+        return padded_causal_mask(k_pos >= self.pad_lens[:, None], T)  # (B, 1, T, L)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv_head, T, head_dim) at columns [pos, pos+T) of `layer`; return the
