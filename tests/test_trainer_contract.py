@@ -228,3 +228,15 @@ def test_base_model_fingerprint_ignores_trainable_parts():
     assert checkpointing.base_fingerprint(a) == checkpointing.base_fingerprint(b)
     assert checkpointing.base_fingerprint(a) != checkpointing.base_fingerprint(classifier(base_seed=3))
     assert base_model(0).wte.weight.requires_grad  # the helper's backbone is trainable until wrapped
+
+
+@pytest.mark.slow
+def test_objective_methods_run_through_torch_compile(tmp_path):
+    """`model.classify(...)` in the objective runs through the compiled wrapper, with the same numbers."""
+    eager = classify_trainer(tmp_path / "eager", max_steps=3)
+    compiled = classify_trainer(tmp_path / "compiled", max_steps=3, compile="on")
+    for _ in range(3):
+        a, b = eager.train_step(), compiled.train_step()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == b["accuracy"]
+    for name, p in eager.model.named_parameters():
+        torch.testing.assert_close(p, dict(compiled.model.named_parameters())[name], rtol=1e-4, atol=1e-5)
