@@ -181,3 +181,30 @@ def test_overwrite_replaces_only_a_run_folder(inputs, tmp_path):
     assert (mine / "precious.doc").read_text() == "x"
     (tmp_path / "empty").mkdir()
     assert pretrain(*base_args(inputs, tmp_path / "empty", steps=1), "--eval-every", "0") == 0
+
+
+def test_a_closed_stdout_neither_stops_nor_fails_the_run(inputs, tmp_path):
+    """`scratchllm pretrain ... | head -1`: once head has gone, output is dropped and training goes on to
+    its last step and checkpoint, exit 0, without a traceback."""
+    import shlex
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "scratchllm", "pretrain",
+                                            *base_args(inputs, run, steps=6), "--eval-every", "1"])
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | head -1"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 1
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+    assert (run / "latest").read_text().strip() == "step_0000006"
+    assert [r["step"] for r in records(run)] == list(range(1, 7))
+
+
+def test_resume_into_a_folder_without_a_run(inputs, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(ScratchError, match=r"holds no run to resume \(it holds notes.txt\)"):
+        pretrain(*base_args(inputs, other, steps=1), "--resume")

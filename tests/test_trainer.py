@@ -194,3 +194,56 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     fresh = trainer(tmp_path, max_steps=4)
     assert fresh.resume(tmp_path) == 2
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(lr=float("inf")), r"train.lr must be a finite number \(got inf\)"),
+    (dict(lr=float("nan")), r"train.lr must be a finite number"),
+    (dict(grad_clip=float("nan")), r"train.grad_clip must be a finite number"),
+    (dict(weight_decay=-1.0), r"train.weight_decay must be >= 0 \(got -1.0\)"),
+    (dict(beta2=1.0), r"beta1 and train.beta2 must be in \[0, 1\)"),
+])
+def test_bad_hyperparameters_are_refused_up_front(kw, msg):
+    with pytest.raises(ScratchError, match=msg):
+        cfg(**kw)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    t = trainer(tmp_path, max_steps=4, checkpoint_every=2)
+    t.fit()
+    with torch.no_grad():
+        t.model.fc.weight[0, 0] = float("nan")
+    with pytest.raises(ScratchError, match=r"weights are not finite at step 4 \(fc.weight\).*step_0000004\) is intact"):
+        t.save()
+    with pytest.raises(ScratchError, match=r"weights are not finite.*best not written"):
+        t.save_best({"loss": 1.0})
+    assert (tmp_path / "latest").read_text().strip() == "step_0000004"
+    checkpointing.verify_checkpoint(tmp_path / "step_0000004")
+
+
+def test_temp_folders_of_a_killed_save_are_cleaned_up(tmp_path):
+    trainer(tmp_path, max_steps=2).fit()
+    for name in (".step_0000003.tmp-abc123", ".best.tmp-xyz", ".step_0000002.old-999"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_state.pt").write_bytes(b"")  # what SIGKILL mid-save leaves
+    (tmp_path / ".keep-me").mkdir()  # not ours: untouched
+    t = trainer(tmp_path, max_steps=4, checkpoint_every=2)
+    t.resume(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".keep-me"]
+    (tmp_path / ".step_0000004.tmp-def").mkdir()
+    t.fit()  # the next save cleans up too
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".keep-me"]
+
+
+def test_run_files_follow_the_umask(tmp_path, monkeypatch):
+    import stat
+
+    from scratchllm import common
+
+    monkeypatch.setattr(common, "_UMASK", 0o022)  # the process's umask, read once at import
+    trainer(tmp_path, max_steps=2, eval_every=1).fit()
+    step = tmp_path / "step_0000002"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [step, *step.iterdir(), *tmp_path.iterdir()]}
+    assert modes["step_0000002"] == 0o755
+    assert {modes[n] for n in ("metrics.jsonl", "report.md", "loss.png", "latest", "model.safetensors",
+                               "train_state.pt", "meta.json")} == {0o644}

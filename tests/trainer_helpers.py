@@ -62,6 +62,7 @@ def main(argv=None):
     import time
 
     from scratchllm.configs import TrainConfig
+    from scratchllm.train import stage
     from scratchllm.train.core import Trainer
     from scratchllm.train.objectives import next_token_objective
 
@@ -84,8 +85,8 @@ def main(argv=None):
     t = Trainer(TinyLM(dropout=0.2), cfg, next_token_objective, Slow(), out_dir=a.out, val_batches=val)
     if a.resume:
         t.resume(a.out)
-    t.fit()
+    return stage.finish(t.fit())  # the exit code a stage's command returns
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

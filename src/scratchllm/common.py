@@ -49,9 +49,25 @@ def is_rank0() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    """print() on rank 0 only (every rank prints when not launched by torchrun)."""
+    """print() on rank 0 only (every rank prints when not launched by torchrun). A closed stdout
+    (`scratchllm pretrain ... | head -1`) silences further output instead of ending the work."""
     if is_rank0():
-        print(*args, **kwargs, flush=True)
+        safe_print(*args, **kwargs)
+
+
+def safe_print(*args, file=None, **kwargs) -> bool:
+    """print() that survives a reader that went away: after a BrokenPipeError the stream (sys.stdout or
+    sys.stderr) is replaced by /dev/null, so long work (training, preparing data) goes on and finishes
+    normally. Returns False when the stream was closed."""
+    stream = file or sys.stdout
+    try:
+        print(*args, file=stream, **kwargs, flush=True)
+        return True
+    except BrokenPipeError:
+        for name in ("stdout", "stderr"):
+            if getattr(sys, name) is stream:  # also stops Python's "Exception ignored" at exit
+                setattr(sys, name, open(os.devnull, "w"))
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +158,11 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        # mkdtemp makes 0700 and some writers (safetensors) 0600: what we create follows the umask
+        mask = _UMASK
+        for p in [tmp, *tmp.rglob("*")]:
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -169,12 +190,22 @@ def read_json(path: str | os.PathLike) -> dict:
     return obj
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back (at import:
+    os.umask(mask)  # no other thread runs yet, so none can create a file while it is 0)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temp file + fsync + rename: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a file we create follows the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -259,7 +290,8 @@ class Progress:
 
     def _print(self) -> None:
         self.printed = True
-        print(self.line(), file=self.stream, flush=True)
+        if not safe_print(self.line(), file=self.stream):
+            self.enabled = False  # nobody reads this stream any more
 
     def close(self) -> None:
         """Print the final line, if the loop ran long enough to have printed progress at all."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -72,6 +73,13 @@ class TrainConfig:
                      "sample_tokens", "checkpoint_every", "patience"):
             if getattr(self, name) < 0:
                 raise ScratchError(f"train.{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ScratchError(f"train.{name} must be a finite number (got {getattr(self, name)})")
+        if self.weight_decay < 0:
+            raise ScratchError(f"train.weight_decay must be >= 0 (got {self.weight_decay})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ScratchError(f"train.beta1 and train.beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ScratchError(f"train.lr must be > 0 and 0 <= train.min_lr <= lr (got lr={self.lr}, "
                                f"min_lr={self.min_lr})")

@@ -60,6 +60,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path]
     """Write RUN_DIR/step_XXXXXXX atomically, then point `latest` at it and keep the newest `keep_last`."""
     run_dir = Path(run_dir)
     final = run_dir / step_name(step)
+    remove_temp_folders(run_dir)
     with atomic_dir(final, overwrite=True) as tmp:
         write_model(tmp)
         torch.save(train_state, tmp / STATE_FILE)
@@ -67,6 +68,21 @@ def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path]
     atomic_write_text(run_dir / LATEST, final.name + "\n")
     prune_checkpoints(run_dir, keep_last)
     return final
+
+
+_TEMP_RE = re.compile(rf"^\.(step_\d{{7}}|{BEST})\.(tmp|old)-")
+
+
+def remove_temp_folders(run_dir: str | Path) -> list[str]:
+    """Delete the half-written `.step_XXXXXXX.tmp-*` / `.best.tmp-*` folders (and `.old-*` ones) that a
+    process killed during a save leaves behind; only those names, nothing else. Returns what went."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    gone = [p.name for p in run_dir.iterdir() if p.is_dir() and _TEMP_RE.match(p.name)]
+    for name in gone:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    return gone
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

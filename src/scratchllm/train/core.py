@@ -381,10 +381,22 @@ class Trainer:
             meta["base_fingerprint"] = self.base_fingerprint  # this folder holds only what trains
         return meta
 
+    def _refuse_non_finite(self, weights: dict[str, torch.Tensor], what: str) -> None:
+        """Never save weights holding inf/NaN (collective: every rank raises together)."""
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if self._all_sum([float(len(bad))])[0] if self.world > 1 else bad:
+            latest = self.out_dir / ckpt.LATEST
+            last = latest.read_text().strip() if latest.is_file() else "none"
+            where = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "") if bad else "on another process"
+            raise ScratchError(f"the weights are not finite at step {self.step} ({where}): {what} not written; the "
+                               f"last good checkpoint ({last}) is intact. Lower --lr or use --precision fp32, "
+                               "then --resume")
+
     def save(self, metrics: dict | None = None) -> Path | None:
         """Checkpoint now (collective under torchrun; rank 0 writes). A failed write raises ScratchError
-        and leaves the previous checkpoint and `latest` untouched."""
+        and leaves the previous checkpoint and `latest` untouched; so do weights that are not finite."""
         state, weights = self._train_state(), self.model_state()
+        self._refuse_non_finite(weights, f"checkpoint {ckpt.step_name(self.step)}")
         path = None
         if self.rank == 0:
             try:
@@ -404,6 +416,7 @@ class Trainer:
         """RUN_DIR/best/: the model files of the best evaluation so far (no optimizer state: it is for
         using, not resuming), replaced atomically; never pruned."""
         weights = self.model_state()
+        self._refuse_non_finite(weights, ckpt.BEST)
         if self.rank == 0:
             try:
                 with atomic_dir(self.out_dir / ckpt.BEST, overwrite=True) as tmp:
@@ -421,6 +434,8 @@ class Trainer:
         from safetensors.torch import load_file
 
         folder = ckpt.resolve_checkpoint(path)
+        if self.rank == 0:
+            ckpt.remove_temp_folders(self.out_dir)  # left by a process killed while it saved
         meta = ckpt.verify_checkpoint(folder)
         weights = load_file(str(folder / "model.safetensors"))
         if self.save_mode == "trainable" or meta.get("base_fingerprint"):
@@ -540,7 +555,7 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         return {"step": self.step, "tokens_seen": self.tokens_seen, "train": last, "val": val,
-                "interrupted": not done, "early_stopped": reason, "best": dict(self.best),
+                "interrupted": not done, "signal": self._stop, "early_stopped": reason, "best": dict(self.best),
                 "skipped_steps": self.skipped_steps}
 
     def _log_eval(self, log: MetricsLog) -> dict:

@@ -7,7 +7,8 @@ saved config of the run being resumed < --config TOML < flags (the Trainer's fla
 a resumed run's config changed only in fields that do not change the math of a step (and lists the
 ones that did), starts the process group under torchrun and seeds every RNG. `write_config` writes the
 resolved `config.toml`; `finish` tears the process group down and turns the Trainer's summary into
-the command's exit code (130 for an interrupted run, 0 for a finished or early-stopped one).
+the command's exit code (0 for a finished or early-stopped run, 128 + the signal for one stopped by
+a signal: 130 after Ctrl-C, 143 after SIGTERM).
 What it does not do: build models, data or objectives (each stage does), or train (core.py).
 
     run = stage.start(cfg, resume=resume, overwrite=overwrite, resume_free=RESUME_FREE)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import signal
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,12 +117,15 @@ def check_out_dir(out: Path, resume, overwrite: bool) -> None:
     if overwrite and is_run:
         shutil.rmtree(out)
         return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     if overwrite:
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise ScratchError(f"--out {out} is not a run folder of ours (it holds {shown}); --overwrite would delete "
                            "those files, so it is refused: choose another --out or empty the folder yourself")
-    what = "holds another run (config.toml)" if is_run else "is not empty"
-    raise ScratchError(f"--out {out} {what}: pass --resume to continue that run or --overwrite to replace it")
+    if resume:
+        raise ScratchError(f"--out {out} holds no run to resume (it holds {shown}): choose another --out")
+    raise ScratchError(f"--out {out} holds another run (config.toml): pass --resume to continue that run or "
+                       "--overwrite to replace it" if is_run else
+                       f"--out {out} is not empty (it holds {shown}): choose another --out")
 
 
 @dataclass
@@ -141,8 +146,6 @@ def start(cfg, *, resume=None, overwrite: bool = False, resume_free: set[str] = 
     `cfg` has `out` and `train` (a TrainConfig)."""
     out, tc = Path(cfg.out), cfg.train
     resume_from = resume_source(resume, out)
-    if resume is True and resume_from is None:
-        print0(f"--resume: no checkpoint in {out} yet, starting a new run")
     saved = saved_config(resume_from)
     if saved is not None:
         check_resume_config(cfg, saved, resume_from.parent / "config.toml", resume_free)
@@ -150,6 +153,8 @@ def start(cfg, *, resume=None, overwrite: bool = False, resume_free: set[str] = 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if rank == 0:
         check_out_dir(out, resume, overwrite)
+        if resume is True and resume_from is None:
+            print0(f"--resume: no checkpoint in {out} yet, starting a new run")
     if dist.is_initialized():
         dist.barrier()
     seed_everything(tc.seed)  # the same initial weights on every rank (DDP/FSDP rely on it)
@@ -177,4 +182,6 @@ def finish(summary: dict) -> int:
         # ("terminate called without an active exception"): wait for all, then destroy
         dist.barrier()
         dist.destroy_process_group()
-    return 130 if summary["interrupted"] else 0
+    if not summary["interrupted"]:
+        return 0
+    return 128 + (summary.get("signal") or signal.SIGINT)  # what shells expect: 130 for Ctrl-C, 143 for SIGTERM
