@@ -1,18 +1,21 @@
 """Decode throughput: our Engine against transformers' GPT2LMHeadModel.generate, in the same run.
 
 What it measures: batch 1, GPT-2 124M shape with random weights (the same weights in both models),
-a 32-token prompt, greedy decoding of 200 new tokens, in fp32 and bf16. "ours" is the Engine's
-default (oneDNN-packed weights in bf16, plain in fp32); the other packing is timed beside it. The
+a 32-token prompt, greedy decoding of 200 new tokens, in fp32 and in bf16 where `precision=auto`
+would pick it (or when asked: `--precision fp32 bf16`); a skipped precision is printed with the
+reason. "ours" is the Engine's default (oneDNN-packed weights in bf16 where oneDNN has bf16
+kernels, plain in fp32); the other packing is timed beside it. The
 decode time per token is (time for 200 new tokens - time for 1 new token) / 199, so the prefill is
 left out; each setting is timed `--repeats` times and the best run counts (the machine is shared).
 Both sides use their KV cache.
 It also checks that both produce the same tokens in fp32 (they run the same weights).
-It then measures the memory read bandwidth and prints the bf16 floor it implies (the bytes of the
-weights read once per token).
+When bf16 is timed, it then measures the memory read bandwidth and prints the bf16 floor it implies
+(the bytes of the weights read once per token).
 What it does not do: measure quality, or prefill speed for long prompts.
 
     python benchmarks/generate.py            # full run (a few minutes on 2 CPU cores)
     python benchmarks/generate.py --quick    # smoke run: tiny shapes, a few seconds
+    python benchmarks/generate.py --precision fp32 bf16   # bf16 even where it is emulated (slow)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import time
 
 import torch
+from _precision import choose_settings, print_skipped
 
 from scratchllm.infer.engine import Engine
 from scratchllm.infer.packed import can_pack
@@ -81,8 +85,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the best counts")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--precision", "--dtypes", dest="precision", nargs="+", choices=["fp32", "bf16"],
+                    help="precisions to time (default: fp32, plus bf16 where precision=auto picks it)")
     args = ap.parse_args(argv)
+    precisions, skipped = choose_settings(args.precision or ["fp32", "bf16"], "cpu", args.precision is not None)
     preset, n, repeats = ("tiny", 20, 1) if args.quick else ("gpt2", args.new_tokens, args.repeats)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,11 +100,12 @@ def main(argv=None) -> None:
     print(f"model {preset} ({model.num_params() / 1e6:.1f}M params), prompt {len(prompt)} tokens, {n} new tokens, "
           f"greedy, batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}")
+    print_skipped(skipped, "--precision fp32 bf16")
 
     same = run_ours(Engine(model), prompt, n) == run_hf(hf, prompt, n)
     print(f"fp32 tokens identical to transformers: {same}")
     results = {}
-    for name in args.dtypes:
+    for name in precisions:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         model, hf = model.to(dtype), hf.to(dtype)
         ours = Engine(model)  # its default: oneDNN-packed weights for bf16, plain for fp32
@@ -117,7 +124,7 @@ def main(argv=None) -> None:
     best_ours = min(v for (who, _), v in results.items() if who == "ours")
     print(f"best: ours {best_ours:.2f} ms/token ({1e3 / best_ours:.1f} tok/s), transformers {best_hf:.2f} ms/token "
           f"({1e3 / best_hf:.1f} tok/s): {best_hf / best_ours:.2f}x (target >= 2x)")
-    if "bf16" in args.dtypes:
+    if "bf16" in precisions:
         gbps = read_bandwidth()
         floor = model.num_params() * 2 / gbps * 1e3  # every bf16 weight is read once per token
         print(f"bf16 floor on this machine: {model.num_params() * 2 / 1e6:.0f} MB of weights / {gbps / 1e9:.1f} "

@@ -5,8 +5,9 @@ What it measures: tokens/s of forward + backward (no optimizer step) for a GPT-2
 fp32 and under bf16 autocast, best of `--repeats` interleaved runs (the machine is shared; wall time
 and, more stable under load, CPU time of the process, on one thread by default), and the
 bytes autograd saves for backward (where the fused loss saves the logits). It also checks that the
-three losses agree. What it does not do: time the optimizer, data loading or torch.compile (that is
-the trainer's benchmark).
+three losses agree. bf16 is timed only where `precision=auto` would pick it (or when asked:
+`--precision fp32 bf16`); a skipped precision is printed with the reason. What it does not do: time
+the optimizer, data loading or torch.compile (that is the trainer's benchmark).
 
     python benchmarks/model_step.py            # 6 x 384 model, vocab 50257, batch 8 x 256
     python benchmarks/model_step.py --quick    # tiny shapes, a few seconds
@@ -19,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _precision import choose_settings, print_skipped
 
 from scratchllm.model import GPT, ModelConfig
 from scratchllm.weights.hf import config_to_hf, state_dict_to_hf
@@ -47,13 +49,16 @@ def saved_bytes(step) -> int:
     return sum(seen.values())
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: with CPU time it gives stable numbers on a shared box)")
-    args = ap.parse_args()
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
+                    help="precisions to time (default: fp32, plus bf16 where precision=auto picks it)")
+    args = ap.parse_args(argv)
+    precisions, skipped = choose_settings(args.precision or ["fp32", "bf16"], "cpu", args.precision is not None)
     torch.set_num_threads(args.threads)
     L, H, D, B, T = (2, 2, 64, 2, 64) if args.quick else (6, 6, 384, 8, 256)
     torch.manual_seed(0)
@@ -62,6 +67,7 @@ def main() -> None:
     hf = hf_model(ours)
     idx = torch.randint(0, cfg.vocab_size, (B, T))
     print(f"model {L} x {D}, vocab {cfg.vocab_size}, batch {B} x {T}, threads {torch.get_num_threads()}")
+    print_skipped(skipped, "--precision fp32 bf16")
 
     def fused(backward=True):
         _, loss = ours(idx, targets=idx)
@@ -81,7 +87,7 @@ def main() -> None:
         assert abs(fused(False).item() - plain(False).item()) < 1e-4
     for name, step in steps.items():
         print(f"  {name:20s} saves {saved_bytes(step) / 2**20:8.1f} MiB for backward (fp32)")
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         wall = {name: [] for name in steps}
         cpu = {name: [] for name in steps}
         for _ in range(args.repeats + 1):  # the first round warms up and is dropped

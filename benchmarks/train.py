@@ -1,6 +1,6 @@
 """Training throughput: our Trainer's step vs transformers' GPT2LMHeadModel, in the same run.
 
-What it does: measures the matmul ceilings of this device first (fp32 and bf16 square matmuls), then
+What it does: measures the matmul ceilings of this device first (square matmuls in each precision used), then
 for each model size times full training steps (forward, backward, gradient clipping, AdamW) of ours
 (`Trainer.train_step`: fused AdamW, chunked lm_head + cross-entropy) and of Hugging Face's
 GPT2LMHeadModel (fused AdamW, same clipping) in every setting asked for (precision x torch.compile),
@@ -8,10 +8,13 @@ and prints tokens/s, MFU against the ceiling of the precision used, and ours/HF 
 setting of each. Sizes: S (6 layers, 6 heads, 384 dims, block 256, vocab 50304, batch 8) and GPT-2
 124M (block 256, batch 4). Step time is the median over the timed steps after warm-up (and after
 compilation). Each setting runs in a fresh process: in one long process the order of the settings
-moved a setting's time by up to 1.5x (allocator and cache state left by the one before). What it does not do: data loading (synthetic batches) or evaluation.
+moved a setting's time by up to 1.5x (allocator and cache state left by the one before).
+By default bf16 settings run only where `precision=auto` would pick bf16 (CUDA with bf16, CPUs with
+AMX / AVX512-BF16); elsewhere they are printed as skipped, with the reason, unless named in
+`--settings`. What it does not do: data loading (synthetic batches) or evaluation.
 
-    python benchmarks/train.py --quick                         # S only, a few steps, 2 settings
-    python benchmarks/train.py --sizes s gpt2 --settings fp32 bf16 bf16+compile
+    python benchmarks/train.py --quick                         # S only, a few steps, fp32 (+ bf16)
+    python benchmarks/train.py --sizes s gpt2 --settings fp32 bf16 bf16+compile   # bf16 even if emulated
     python benchmarks/train.py --device cuda --sizes gpt2-1024  # GPU: GPT-2 124M at block 1024
 """
 
@@ -29,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _precision import choose_settings, print_skipped  # noqa: E402  (benchmarks/_precision.py)
 
 from scratchllm.configs import TrainConfig  # noqa: E402
 from scratchllm.model import GPT, ModelConfig  # noqa: E402
@@ -126,13 +131,14 @@ def in_subprocess(impl, setting, size, args) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", default=["s", "gpt2"], choices=list(SIZES))
-    ap.add_argument("--settings", nargs="+", default=["fp32", "bf16", "bf16+compile"],
-                    help="precision[+compile] combinations to try for both (best of each is compared)")
+    ap.add_argument("--settings", nargs="+",
+                    help="precision[+compile] combinations to try for both (best of each is compared); "
+                         "default fp32 bf16 bf16+compile, the bf16 ones only where precision=auto picks bf16")
     ap.add_argument("--impls", nargs="+", default=["ours", "hf"], choices=["ours", "hf"])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per setting")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="S only, 3 steps, fp32 and bf16 (no compile)")
+    ap.add_argument("--quick", action="store_true", help="S only, 3 steps, fp32 and bf16 (no compile) by default")
     ap.add_argument("--in-process", action="store_true",
                     help="run every setting in this process (default: each in a fresh one, so that one "
                          "setting's allocations and compiled code cannot slow or speed up the next)")
@@ -143,14 +149,18 @@ def main(argv=None) -> int:
         fields, B = SIZES[size]
         print(json.dumps(runners_seconds(impl, setting, fields, B, args.device, args.warmup, args.steps)))
         return 0
+    defaults = ["fp32", "bf16", "bf16+compile"]
     if args.quick:
-        args.sizes, args.steps, args.warmup, args.settings = ["s"], 3, 1, ["fp32", "bf16"]
+        args.sizes, args.steps, args.warmup, defaults = ["s"], 3, 1, ["fp32", "bf16"]
     dev = args.device
-    ceilings = {p: matmul_peak_flops(dev, dt, n=None, repeats=5)
-                for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    settings, skipped = choose_settings(args.settings or defaults, dev, explicit=args.settings is not None)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    used = sorted({s.split("+")[0] for s in settings}, key=list(dtypes).index)
+    ceilings = {p: matmul_peak_flops(dev, dtypes[p], n=None, repeats=5) for p in used}
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
-    print(f"matmul ceilings: fp32 {ceilings['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {ceilings['bf16'] / 1e9:,.0f} GFLOP/s")
+    print_skipped(skipped, "--settings {setting}")
+    print("matmul ceilings: " + ", ".join(f"{p} {c / 1e9:,.0f} GFLOP/s" for p, c in ceilings.items()))
     for size in args.sizes:
         fields, B = SIZES[size]
         T = fields["block_size"]
@@ -158,7 +168,7 @@ def main(argv=None) -> int:
         print(f"\n== {size}: {fields}, batch {B} ({B * T} tokens/step), {flops / 1e6:,.0f} MFLOP/token")
         best = {}
         for impl in args.impls:
-            for setting in args.settings:
+            for setting in settings:
                 precision = setting.split("+")[0]
                 try:
                     if args.in_process:
