@@ -27,11 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchllm.common import ScratchError, atomic_dir, atomic_write_text
+from scratchllm.common import ScratchError, atomic_dir, atomic_write_text, sha256_file
+from scratchllm.weights.state import (
+    load_state_dict_checked,
+    read_latest,
+    read_safetensors,
+    resolve_latest,
+    write_latest,
+)
 
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
-LATEST = "latest"
 BEST = "best"  # RUN_DIR/best/: the model files of the best evaluation (not a step folder: never pruned)
 _STEP_RE = re.compile(r"^step_(\d{7})$")
 
@@ -42,11 +48,7 @@ def step_name(step: int) -> str:
 
 
 def _digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def write_meta(folder: Path, meta: dict) -> None:
@@ -65,7 +67,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path]
         write_model(tmp)
         torch.save(train_state, tmp / STATE_FILE)
         write_meta(tmp, {**meta, "step": step})
-    atomic_write_text(run_dir / LATEST, final.name + "\n")
+    write_latest(run_dir, final.name)
     prune_checkpoints(run_dir, keep_last)
     return final
 
@@ -95,7 +97,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     ckpts = list_checkpoints(run_dir)
-    latest = (Path(run_dir) / LATEST).read_text().strip() if (Path(run_dir) / LATEST).is_file() else None
+    latest = read_latest(run_dir)
     for p in ckpts[: max(len(ckpts) - keep_last, 0)]:
         if p.name != latest:
             shutil.rmtree(p, ignore_errors=True)
@@ -103,15 +105,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder itself, or a run folder (follows its `latest` file)."""
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
-    if (path / LATEST).is_file():
-        name = (path / LATEST).read_text().strip()
-        if not (path / name / META_FILE).is_file():
-            raise ScratchError(f"{path / LATEST} names {name!r}, but {path / name / META_FILE} is missing")
-        return path / name
-    raise ScratchError(f"{path}: not a checkpoint (no {META_FILE}) nor a run folder (no {LATEST} file)")
+    return resolve_latest(path, META_FILE)
 
 
 def verify_checkpoint(ckpt: str | Path) -> dict:
@@ -183,18 +177,11 @@ def load_partial(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
     """Load a partial checkpoint (or a run folder's latest / best one) onto `model`, the base with the
     same trainable parts (head, adapters) in place: checks every file, the base fingerprint and that the
     folder holds exactly the model's trainable tensors. Returns the model, now one trained model."""
-    from safetensors.torch import load_file
-
     folder = resolve_checkpoint(folder)
     meta = verify_checkpoint(folder)
     check_base(meta.get("base_fingerprint"), base_fingerprint(model), folder)
-    weights = load_file(str(folder / "model.safetensors"))
-    expected = trainable_state_names(model)
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise ScratchError(f"{folder / 'model.safetensors'} does not fit the model's trainable parts: missing "
-                           f"{missing}, unexpected {unexpected}")
-    model.load_state_dict(weights, strict=False)
+    load_state_dict_checked(model, read_safetensors(folder / "model.safetensors"), str(folder / "model.safetensors"),
+                            expected=trainable_state_names(model))
     return model
 
 

@@ -57,6 +57,7 @@ from scratchllm.configs import TrainConfig
 from scratchllm.train import checkpointing as ckpt
 from scratchllm.train.optim import build_optimizer, lr_at, set_lr
 from scratchllm.train.runlog import MetricsLog, plot_loss, read_metrics, write_report
+from scratchllm.weights.state import load_state_dict_checked, read_latest, read_safetensors, state_to_save
 
 TOTALS = ("count", "tokens")  # metrics reported as sums; every other one is divided by its denominator
 
@@ -86,12 +87,6 @@ def _to(batch, device):
     if isinstance(batch, list | tuple):
         return type(batch)(_to(v, device) for v in batch)
     return batch
-
-
-def shared_names(model: torch.nn.Module) -> set[str]:
-    """Names of parameters that alias another one (a tied lm_head.weight): saved once, under the first name."""
-    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    return every - {n for n, _ in model.named_parameters()}
 
 
 def write_safetensors(folder: Path, state: dict[str, torch.Tensor]) -> None:
@@ -299,8 +294,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += out["tokens"]
         if self.bad_steps >= cfg.max_bad_steps:
-            latest = self.out_dir / ckpt.LATEST
-            last = latest.read_text().strip() if latest.is_file() else "none yet"
+            last = read_latest(self.out_dir) or "none yet"
             raise ScratchError(
                 f"loss or gradients were non-finite for {self.bad_steps} steps in a row (up to step "
                 f"{self.step}); stopped. Last good checkpoint: {last} in {self.out_dir}. Lower --lr, raise "
@@ -368,8 +362,7 @@ class Trainer:
             state = {k.removeprefix("model."): v for k, v in state.items()}
         else:
             state = self.model.state_dict()
-        drop = shared_names(self.model)
-        state = {k: v for k, v in state.items() if k not in drop}
+        state = state_to_save(self.model, state)  # a tied head is saved once, under wte
         if self.save_mode == "trainable":
             keep = ckpt.trainable_state_names(self.model)
             state = {k: v for k, v in state.items() if k in keep}
@@ -385,8 +378,7 @@ class Trainer:
         """Never save weights holding inf/NaN (collective: every rank raises together)."""
         bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if self._all_sum([float(len(bad))])[0] if self.world > 1 else bad:
-            latest = self.out_dir / ckpt.LATEST
-            last = latest.read_text().strip() if latest.is_file() else "none"
+            last = read_latest(self.out_dir) or "none"
             where = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "") if bad else "on another process"
             raise ScratchError(f"the weights are not finite at step {self.step} ({where}): {what} not written; the "
                                f"last good checkpoint ({last}) is intact. Lower --lr or use --precision fp32, "
@@ -403,8 +395,7 @@ class Trainer:
                 path = ckpt.save_checkpoint(self.out_dir, self.step, lambda d: self.write_model(d, weights),
                                             state, self._meta(metrics), self.cfg.keep_last)
             except OSError as e:
-                latest = self.out_dir / ckpt.LATEST
-                prev = latest.read_text().strip() if latest.is_file() else "none"
+                prev = read_latest(self.out_dir) or "none"
                 raise ScratchError(f"writing checkpoint {ckpt.step_name(self.step)} in {self.out_dir} failed "
                                    f"({e}); the previous checkpoint ({prev}) is intact") from None
         if self.world > 1:
@@ -431,13 +422,11 @@ class Trainer:
     def resume(self, path: str | Path) -> int:
         """Restore model, optimizer, scaler, counters, every RNG and the sampler from a checkpoint or run
         folder (after verifying every file's checksum). Returns the step resumed at."""
-        from safetensors.torch import load_file
-
         folder = ckpt.resolve_checkpoint(path)
         if self.rank == 0:
             ckpt.remove_temp_folders(self.out_dir)  # left by a process killed while it saved
         meta = ckpt.verify_checkpoint(folder)
-        weights = load_file(str(folder / "model.safetensors"))
+        weights = read_safetensors(folder / "model.safetensors")
         if self.save_mode == "trainable" or meta.get("base_fingerprint"):
             ckpt.check_base(meta.get("base_fingerprint"), self.base_fingerprint, folder)
         if self.fsdp:
@@ -446,12 +435,8 @@ class Trainer:
             set_model_state_dict(self._root, {f"model.{k}": v for k, v in weights.items()},
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         else:
-            expected = set(self.model_state())
-            missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            if missing or unexpected:
-                raise ScratchError(f"{folder / 'model.safetensors'} does not fit the model: missing {missing}, "
-                                   f"unexpected {unexpected}")
-            self.model.load_state_dict(weights, strict=False)
+            load_state_dict_checked(self.model, weights, str(folder / "model.safetensors"),
+                                    expected=set(self.model_state()))
         state = ckpt.load_train_state(folder)
         if state["world_size"] != self.world:
             raise ScratchError(f"{folder} was written by {state['world_size']} process(es), now {self.world}: "

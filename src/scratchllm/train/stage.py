@@ -33,13 +33,14 @@ from scratchllm.common import ScratchError, atomic_write_text, print0, seed_ever
 from scratchllm.configs import TrainConfig, diff, resolve, to_dict, to_toml
 from scratchllm.train import checkpointing as ckpt
 from scratchllm.train.core import init_distributed
+from scratchllm.weights.state import LATEST
 
 # TrainConfig fields that may change when a run is resumed: they do not change the math of a step
 TRAIN_RESUME_FREE = {f"train.{k}" for k in (
     "max_steps", "epochs", "eval_every", "eval_batches", "sample_every", "sample_prompt", "sample_tokens",
     "checkpoint_every", "keep_last", "log_every", "max_bad_steps", "compile", "device", "patience")}
 RESUME_FREE = {"out"} | TRAIN_RESUME_FREE
-RUN_FILES = ("config.toml", "metrics.jsonl", ckpt.LATEST)  # what marks a folder as one of our runs
+RUN_FILES = ("config.toml", "metrics.jsonl", LATEST)  # what marks a folder as one of our runs
 
 
 def train_overrides(args) -> dict:
