@@ -8,7 +8,8 @@
 from pathlib import Path
 
 from scratchllm.common import ScratchError
-from scratchllm.tokenizer.bpe import PATTERNS, train_bpe
+from scratchllm.tokenizer.base import PATTERNS
+from scratchllm.tokenizer.bpe import train_bpe
 from scratchllm.tokenizer.gpt2 import from_gpt2_files, from_tiktoken_file, gpt2_tokenizer
 from scratchllm.tokenizer.tokenizer import Tokenizer
 

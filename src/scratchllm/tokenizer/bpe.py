@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import regex
 
 from scratchllm.common import Progress, ScratchError
-from scratchllm.tokenizer.base import PATTERNS, resolve_pattern  # noqa: F401 (tokenizer/__init__ imports PATTERNS here)
+from scratchllm.tokenizer.base import resolve_pattern
 from scratchllm.tokenizer.tokenizer import Tokenizer, check_special_tokens
 
 
