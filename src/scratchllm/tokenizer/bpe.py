@@ -46,6 +46,7 @@ def split_on_specials(text: str, special_tokens: Iterable[str]) -> list[str]:
 def count_chunks(texts: Iterable[str], pattern: str, special_tokens: Iterable[str] = ()) -> Counter:
     """Count the distinct pre-tokenized chunks of a corpus.
 
+    >>> from scratchllm.tokenizer.base import PATTERNS
     >>> count_chunks(["hi hi"], PATTERNS["gpt2"])
     Counter({'hi': 1, ' hi': 1})
     """
