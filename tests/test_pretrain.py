@@ -208,3 +208,17 @@ def test_resume_into_a_folder_without_a_run(inputs, tmp_path):
     (other / "notes.txt").write_text("x")
     with pytest.raises(ScratchError, match=r"holds no run to resume \(it holds notes.txt\)"):
         pretrain(*base_args(inputs, other, steps=1), "--resume")
+
+
+def test_model_shape_flags_reach_the_new_model(inputs, tmp_path):
+    run = tmp_path / "run"
+    assert pretrain(*base_args(inputs, run, steps=1), "--init", "torch", "--no-tie-embeddings", "--dropout", "0.1",
+                    "--eval-every", "0") == 0
+    config = json.loads((run / "step_0000001" / "config.json").read_text())
+    assert (config["init"], config["tie_embeddings"], config["dropout"]) == ("torch", False, 0.1)
+    assert "lm_head.weight" in weights(run)  # untied: saved on its own
+    with pytest.raises(ScratchError, match=r"model options \(dropout\) shape a new model from --model-preset"):
+        pretrain("--data", str(inputs["shards"]), "--model", str(run), "--out", str(tmp_path / "b"),
+                 "--dropout", "0.2")
+    with pytest.raises(ScratchError, match="dropout must be in"):
+        pretrain(*base_args(inputs, tmp_path / "c", steps=1), "--dropout", "1.5")

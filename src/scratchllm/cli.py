@@ -198,6 +198,14 @@ def add_pretrain(sub) -> None:
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
                    help="shard with FSDP2 under torchrun (default: DDP)")
     add_run_flags(g)
+    m = p.add_argument_group("a new model's shape (with --model-preset; any ModelConfig field in [model_overrides])")
+    m.add_argument("--init", choices=["gpt2", "torch"],
+                   help="gpt2: normal(0.02) + scaled residual projections (default); torch: PyTorch's defaults (the book)")
+    m.add_argument("--dropout", type=float, help="dropout rate (default 0)")
+    m.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the token embedding with the output head (default: tied, as GPT-2)")
+    m.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases in Linear layers and norms (default: on, as GPT-2)")
     add_train_flags(p)
     p.set_defaults(func=_pretrain)
 

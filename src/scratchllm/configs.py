@@ -125,6 +125,9 @@ class PretrainConfig:
             raise ScratchError("--input needs --tokenizer (a tokenizer folder or `gpt2`)")
         if bool(self.model_preset) == bool(self.model):
             raise ScratchError("give exactly one of --model-preset NAME or --model DIR")
+        if self.model and self.model_overrides:
+            raise ScratchError(f"model options ({', '.join(sorted(self.model_overrides))}) shape a new model from "
+                               "--model-preset; a --model keeps its own config")
         if not self.out:
             raise ScratchError("--out RUN_DIR is required")
         if self.block_size < 0:
@@ -198,10 +201,19 @@ def resolve(cls, toml_path: str | Path | None = None, overrides: dict[str, Any] 
     d: dict = copy.deepcopy(base or {})
     if toml_path:
         path = Path(toml_path)
+        if path.is_dir():
+            raise ScratchError(f"--config {path} is a folder; give a TOML file (a run's config.toml works)")
+        if path.exists() and not path.is_file():  # /dev/zero would never end
+            raise ScratchError(f"--config {path} is not a regular file (a device, FIFO or socket); give a TOML file")
         try:
             d = _merge(d, tomllib.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise ScratchError(f"--config {path}: file not found") from None
+        except OSError as e:
+            raise ScratchError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ScratchError(f"--config {path}: not UTF-8 text (byte offset {e.start}); TOML files are UTF-8, "
+                               "is this really a TOML file?") from None
         except tomllib.TOMLDecodeError as e:
             raise ScratchError(f"--config {path}: invalid TOML: {e}") from None
     for key, value in (overrides or {}).items():
@@ -209,8 +221,11 @@ def resolve(cls, toml_path: str | Path | None = None, overrides: dict[str, Any] 
             continue
         *parents, leaf = key.split(".")
         node = d
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # e.g. `train = 5` in the file and --lr on the command line
+                where = ".".join(parents[:i + 1])
+                raise ScratchError(f"{toml_path or 'config'}: {where}: expected a table [{where}], got {node!r}")
         node[leaf] = value
     try:
         return from_dict(cls, d)

@@ -34,7 +34,7 @@ from scratchllm.train.objectives import next_token_objective, perplexity
 # the stage's own argparse dest -> config field (the Trainer's flags are mapped by stage.train_overrides)
 FLAGS = {"data": "data", "input": "input", "tokenizer": "tokenizer", "model_preset": "model_preset",
          "model": "model", "out": "out", "block_size": "block_size", "fsdp": "fsdp", "sampler": "sampler",
-         "stride": "stride"}
+         "stride": "stride", **{k: f"model_overrides.{k}" for k in ("init", "dropout", "tie_embeddings", "bias")}}
 
 
 def load_data(cfg: PretrainConfig, out: Path, tokenizer):
