@@ -161,8 +161,11 @@ def test_sliding_windows_counted_in_epochs(inputs, tmp_path):
     per_epoch = SlidingWindowSampler(open_shards(inputs["shards"]).train, 32, 4, stride=64).batches_per_epoch
     cfg = resolve(PretrainConfig, inputs["config"], {"data": str(inputs["shards"]), "out": str(tmp_path / "run"),
                                                      "sampler": "sliding", "stride": 64, "train.epochs": 2,
-                                                     "train.eval_every": 0, "train.checkpoint_every": 0})
+                                                     "train.eval_every": 0, "train.checkpoint_every": 0,
+                                                     "eval_train": True})
     summary = pretrain_fn(cfg)
+    on_train = records(tmp_path / "run", "train_eval")
+    assert [r["step"] for r in on_train] == [summary["step"]] and on_train[0]["loss"] > 0
     assert summary["step"] == 2 * per_epoch and summary["exit_code"] == 0 and not summary["interrupted"]
     epochs = [r["epoch"] for r in records(tmp_path / "run")]
     assert epochs[0] == 0 and epochs[-1] == 2 and epochs == sorted(epochs)

@@ -195,6 +195,8 @@ def add_pretrain(sub) -> None:
     g.add_argument("--sampler", choices=["random", "sliding"],
                    help="random windows (default) or the book's fixed windows, reshuffled every epoch")
     g.add_argument("--stride", type=int, help="with --sampler sliding: tokens between window starts (default: block size)")
+    g.add_argument("--eval-train", action=argparse.BooleanOptionalAction, default=None,
+                   help="at each evaluation also measure the loss on training windows (eval mode, as the book)")
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
                    help="shard with FSDP2 under torchrun (default: DDP)")
     add_run_flags(g)

@@ -113,6 +113,7 @@ class PretrainConfig:
     fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP
     sampler: str = "random"  # random: random windows, fresh offsets per epoch | sliding: the book's fixed windows
     stride: int = 0  # sliding windows start every `stride` tokens; 0 = block_size (no overlap)
+    eval_train: bool = False  # also evaluate on training windows at each evaluation (the book's train curve)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields for a preset
     train: TrainConfig = field(default_factory=TrainConfig)
 

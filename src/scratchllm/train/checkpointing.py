@@ -29,10 +29,12 @@ import torch
 
 from scratchllm.common import ScratchError, atomic_dir, atomic_write_text, sha256_file
 from scratchllm.weights.state import (
+    listed_files,
     load_state_dict_checked,
     read_latest,
     read_safetensors,
     resolve_latest,
+    verify_files,
     write_latest,
 )
 
@@ -109,21 +111,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def verify_checkpoint(ckpt: str | Path) -> dict:
-    """Check every file listed in meta.json (size, then sha256); return the meta dict."""
+    """Check every file listed in meta.json (sizes, then sha256, all re-hashed: no cache on resume);
+    return the meta dict. An empty `files` table is refused (state.listed_files)."""
     ckpt = Path(ckpt)
     try:
         meta = json.loads((ckpt / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise ScratchError(f"{ckpt / META_FILE}: unreadable checkpoint metadata ({e})") from None
-    for rel, want in meta.get("files", {}).items():
-        f = ckpt / rel
-        if not f.is_file():
-            raise ScratchError(f"corrupted checkpoint: {f} is missing")
-        got = _digest(f) if f.stat().st_size == want["size"] else {"size": f.stat().st_size}
-        if got != want:
-            what = "size" if got["size"] != want["size"] else "sha256"
-            raise ScratchError(f"corrupted checkpoint: {f} does not match its {what} in {ckpt / META_FILE} "
-                               f"(re-copy it or resume from an older step_* folder)")
+    verify_files(ckpt, listed_files(meta, ckpt / META_FILE), ckpt / META_FILE)
     return meta
 
 

@@ -131,16 +131,18 @@ class Trainer:
                  write_model: Callable[[Path, dict], None] = write_safetensors, flops_per_token: float | None = None,
                  peak_flops: float | None = None, info: dict | None = None, fsdp: bool = False,
                  frozen: dict[str, torch.nn.Module] | None = None, save: str = "all",
-                 derived_metrics: Callable[[dict], dict] | None = None):
+                 derived_metrics: Callable[[dict], dict] | None = None,
+                 train_eval_batches: Callable[[], Iterable] | None = None):
         """`frozen`: auxiliary models passed to the objective as keyword arguments. `save`: "all" or
         "trainable" (only parameters with requires_grad, plus buffers; the rest is fingerprinted as the
-        base). `derived_metrics`: extra metrics computed from the reduced ones (perplexity from loss)."""
+        base). `derived_metrics`: extra metrics computed from the reduced ones (perplexity from loss).
+        `train_eval_batches`: training data to evaluate at every evaluation too (split "train_eval")."""
         if save not in ("all", "trainable"):
             raise ScratchError(f"Trainer save={save!r}: expected 'all' or 'trainable'")
         self.cfg, self.objective, self.batches = cfg, objective, train_batches
         self.out_dir, self.val_batches, self.sample_fn = Path(out_dir), val_batches, sample_fn
         self.info, self.flops_per_token, self.peak_flops = dict(info or {}), flops_per_token, peak_flops
-        self.derived_metrics = derived_metrics
+        self.derived_metrics, self.train_eval_batches = derived_metrics, train_eval_batches
         self.device = init_distributed(cfg.device)  # first: the rank and world size come from it
         self.rank, self.world = _world()
         self.precision = select_precision(cfg.precision, self.device)
@@ -307,16 +309,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and samples
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, batches: Callable[[], Iterable] | None = None) -> dict:
         """The objective's metrics over the first `cfg.eval_batches x processes` validation batches (all of
-        them when eval_batches is 0): under DDP, rank r takes batches r, r + W, ... and the sums are
+        them when eval_batches is 0; `batches` evaluates another set): under DDP, rank r takes batches r, r + W, ... and the sums are
         all-reduced (under FSDP every rank runs every batch: its forward is collective). With the
         per-process batch size divided by W, a W-process run evaluates the same items as one process."""
         self.model.eval()
         sums: dict = {}
         split = self.world > 1 and not self.fsdp
         limit = self.cfg.eval_batches * self.world if self.cfg.eval_batches else None
-        for i, batch in enumerate(self.val_batches()):
+        for i, batch in enumerate((batches or self.val_batches)()):
             if limit is not None and i >= limit:
                 break
             if split and i % self.world != self.rank:
@@ -547,6 +549,10 @@ class Trainer:
         val = self.evaluate()
         log.write({"step": self.step, "split": "val", "tokens": self.tokens_seen, **val})
         shown = " | ".join(f"{k} {v:.4f}" for k, v in val.items() if k not in TOTALS)
+        if self.train_eval_batches:  # the same metrics on training data, in eval mode (the book's curves)
+            on_train = self.evaluate(self.train_eval_batches)
+            log.write({"step": self.step, "split": "train_eval", "tokens": self.tokens_seen, **on_train})
+            shown += f" | train (eval) loss {on_train['loss']:.4f}"
         print0(f"step {self.step} | val {shown}")
         self._track_best(val)
         return val

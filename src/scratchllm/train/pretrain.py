@@ -34,7 +34,7 @@ from scratchllm.train.objectives import next_token_objective, perplexity
 # the stage's own argparse dest -> config field (the Trainer's flags are mapped by stage.train_overrides)
 FLAGS = {"data": "data", "input": "input", "tokenizer": "tokenizer", "model_preset": "model_preset",
          "model": "model", "out": "out", "block_size": "block_size", "fsdp": "fsdp", "sampler": "sampler",
-         "stride": "stride", **{k: f"model_overrides.{k}" for k in ("init", "dropout", "tie_embeddings", "bias")}}
+         "stride": "stride", "eval_train": "eval_train", **{k: f"model_overrides.{k}" for k in ("init", "dropout", "tie_embeddings", "bias")}}
 
 
 def load_data(cfg: PretrainConfig, out: Path, tokenizer):
@@ -171,7 +171,10 @@ def pretrain(cfg: PretrainConfig, *, resume=None, overwrite: bool = False) -> di
                                          max_batches=tc.eval_batches * world or None, device=device),
         sample_fn=make_sampler(mcfg, tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed),
         write_model=write_model, flops_per_token=gpt_train_flops_per_token(mcfg), info=info, fsdp=cfg.fsdp,
-        derived_metrics=perplexity)
+        derived_metrics=perplexity,
+        train_eval_batches=(lambda: eval_batches(shards.train, block, tc.batch_size, device=device,
+                                                 max_batches=tc.eval_batches * world or None))
+        if cfg.eval_train else None)
     if rank == 0:  # MFU's ceiling: this device's matmul speed in the precision the run really uses
         trainer.peak_flops = matmul_peak_flops(trainer.device, torch_dtype(trainer.precision))
     if run.resume_from is not None:

@@ -80,6 +80,9 @@ def plot_loss(records: list[dict], png: str | Path) -> None:
     ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train")
+    on_train = [(r["tokens"], r["loss"]) for r in records if r.get("split") == "train_eval"]
+    if on_train:
+        ax.plot(*zip(*on_train), "s-", ms=4, label="train (eval mode)")
     if val_recs:
         ax.plot([r["tokens"] for r in val_recs], [r["loss"] for r in val_recs], "o-", ms=4, label="validation")
     ax.set_xlabel("tokens seen")

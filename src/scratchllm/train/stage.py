@@ -21,7 +21,6 @@ What it does not do: build models, data or objectives (each stage does), or trai
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import signal
 import tomllib
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from scratchllm.common import ScratchError, atomic_write_text, print0, seed_everything
+from scratchllm.common import ScratchError, atomic_write_text, clear_for_overwrite, print0, seed_everything
 from scratchllm.configs import TrainConfig, diff, resolve, to_dict, to_toml
 from scratchllm.train import checkpointing as ckpt
 from scratchllm.train.core import init_distributed
@@ -104,7 +103,8 @@ def check_resume_config(cfg, saved: dict, saved_toml: Path, resume_free: set[str
 
 def check_out_dir(out: Path, resume, overwrite: bool) -> None:
     """Refuse a non-empty --out that is not ours to continue. --overwrite replaces only one of our run
-    folders (config.toml, metrics.jsonl or checkpoints inside): never a folder of someone's files."""
+    folders (config.toml, metrics.jsonl or checkpoints inside): never a folder of someone's files (the
+    shared rule, `common.clear_for_overwrite`)."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -115,13 +115,10 @@ def check_out_dir(out: Path, resume, overwrite: bool) -> None:
     is_run = any((out / f).exists() for f in RUN_FILES) or bool(ckpt.list_checkpoints(out))
     if resume and is_run:
         return
-    if overwrite and is_run:
-        shutil.rmtree(out)
+    if overwrite:  # a step_XXXXXXX checkpoint folder marks a run too
+        clear_for_overwrite(out, (*RUN_FILES, "step_" + "[0-9]" * 7), "run folder")
         return
     shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-    if overwrite:
-        raise ScratchError(f"--out {out} is not a run folder of ours (it holds {shown}); --overwrite would delete "
-                           "those files, so it is refused: choose another --out or empty the folder yourself")
     if resume:
         raise ScratchError(f"--out {out} holds no run to resume (it holds {shown}): choose another --out")
     raise ScratchError(f"--out {out} holds another run (config.toml): pass --resume to continue that run or "
