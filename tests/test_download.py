@@ -84,7 +84,8 @@ def test_partial_file_survives_failure_and_next_call_resumes(files, tmp_path):
     url_path = "/d/shakespeare.txt"
     with FileServer(files) as srv:
         srv.drop_once[url_path] = 300_000
-        with pytest.raises(ScratchError, match=r"cannot download http://127\.0\.0\.1:\d+/d/shakespeare"):
+        with pytest.raises(ScratchError, match=r"cannot download http://127\.0\.0\.1:\d+/d/shakespeare.* "
+                                               r"300000 bytes kept in .*s\.txt\.part, run again to resume"):
             download(srv.url + url_path, tmp_path / "s.txt", sha256=SHAKES_SHA, retries=0, progress=False)
         assert (tmp_path / "s.txt.part").stat().st_size == 300_000
         assert not (tmp_path / "s.txt").exists()
@@ -168,6 +169,33 @@ def test_size_mismatch_and_http_errors(files, tmp_path):
             download(srv.url + "/d/missing.txt", tmp_path / "m.txt", progress=False)
     with pytest.raises(ScratchError, match="cannot download http://127.0.0.1:9/x"):
         download("http://127.0.0.1:9/x", tmp_path / "x", retries=0, timeout=2, progress=False)
+
+
+def test_offline_download_does_not_claim_a_part_file(tmp_path, sleeps):
+    """Nothing arrives (no network, a refused connection): the message used to say '0 bytes kept in
+    x.part, run again to resume' about a .part that does not exist."""
+    (tmp_path / "x.part").write_bytes(b"")  # an empty one left by someone: removed, not resumed
+    with pytest.raises(ScratchError) as e:
+        download("http://127.0.0.1:9/x", tmp_path / "x", retries=2, timeout=2, progress=False)
+    msg = str(e.value)
+    assert "after 3 attempts" in msg and "nothing was downloaded; check the network connection" in msg
+    assert "SCRATCHLLM_MIRROR" in msg and "kept" not in msg and ".part" not in msg
+    assert list(tmp_path.iterdir()) == [] and sleeps == [0.2, 0.4]
+
+
+def test_local_problems_with_the_destination_are_named(files, tmp_path, sleeps):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    with FileServer(files) as srv:
+        url = srv.url + "/d/the-verdict.txt"
+        with pytest.raises(ScratchError, match=r"cannot create the folder .*a_file"):
+            download(url, tmp_path / "a_file" / "v.txt", progress=False)
+        with pytest.raises(ScratchError, match=r"a_dir: that is a folder"):
+            download(url, tmp_path / "a_dir", progress=False)
+        (tmp_path / "v.txt.part").mkdir()  # cannot be written: a local problem, not retried
+        with pytest.raises(ScratchError, match=r"v\.txt\.part: Is a directory"):
+            download(url, tmp_path / "v.txt", progress=False)
+    assert sleeps == []
 
 
 def test_resolve_url_mirrors(monkeypatch, tmp_path):

@@ -57,10 +57,24 @@ def test_checked_load_round_trip_and_every_bad_key_named():
     state["transformer.wte.weight"] = torch.zeros(3, 3)
     with pytest.raises(ScratchError) as e:
         load_state_dict_checked(dst, state, "bad.safetensors")
-    msg = str(e.value)
-    assert msg.startswith("bad.safetensors: weights do not fit the model config")
-    assert "shape mismatch (1): transformer.wte.weight: checkpoint (3, 3) vs model (64, 128)" in msg
-    assert "missing keys (1): transformer.h.0.ln_1.weight" in msg and "unexpected keys (1): extra.weight" in msg
+    assert str(e.value).splitlines() == [
+        "bad.safetensors: weights do not fit the model config:",
+        "  shape mismatch (1):", "    transformer.wte.weight: checkpoint (3, 3) vs model (64, 128)",
+        "  missing keys (1):", "    transformer.h.0.ln_1.weight",
+        "  unexpected keys (1):", "    extra.weight"]
+
+
+def test_mismatch_message_is_one_problem_per_line_and_cut():
+    """A config that does not fit (another n_embd, more layers) used to be one line of thousands of
+    characters; now each key is a line, and every list stops after 8 with a count."""
+    src = state_to_save(make())
+    with pytest.raises(ScratchError) as e:
+        load_state_dict_checked(make(n_layer=4, n_head=2, n_embd=64), src, "m.safetensors")
+    lines = str(e.value).splitlines()
+    assert max(map(len, lines)) < 120
+    assert lines[1].startswith("  shape mismatch (") and "    ... and " in "\n".join(lines)
+    assert lines[10].startswith("    ... and ") and lines[10].endswith(" more")  # 1 title + 8 keys + the count
+    assert len(lines) <= 1 + 3 * 10
 
 
 def test_checked_load_of_a_partial_state():
@@ -69,7 +83,7 @@ def test_checked_load_of_a_partial_state():
     part = {"transformer.ln_f.weight": src.transformer.ln_f.weight.detach().clone()}
     load_state_dict_checked(dst, part, "head only", expected=part)
     assert torch.equal(dst.transformer.ln_f.weight, src.transformer.ln_f.weight)
-    with pytest.raises(ScratchError, match=r"missing keys \(1\): transformer.ln_f.bias"):
+    with pytest.raises(ScratchError, match=r"missing keys \(1\):\n    transformer.ln_f.bias"):
         load_state_dict_checked(dst, part, "head only", expected=[*part, "transformer.ln_f.bias"])
 
 

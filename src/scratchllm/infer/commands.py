@@ -3,7 +3,8 @@
 What it does: loads a model (our folder, a run folder, or a Hugging Face GPT-2 folder) with
 `load_model`, casts it to the chosen precision, and prints the prompt followed by its continuation,
 streamed as it is produced with --stream. The model's `<|endoftext|>` token stops generation unless
---ignore-eot is given. Stop strings accept the escapes \\n, \\t and \\\\. A summary (tokens, seconds,
+--ignore-eot is given. `--tokenizer` replaces the model's own tokenizer; when their fingerprints
+differ a warning says so (the ids then stand for other text). Stop strings accept the escapes \\n, \\t and \\\\. A summary (tokens, seconds,
 tokens/s) goes to stderr.
 What it does not do: chat templates or serving (see serve/).
 
@@ -28,6 +29,25 @@ def unescape(s: str) -> str:
     return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
+def replace_tokenizer(model, own, spec: str, model_path: str):
+    """The tokenizer `--tokenizer SPEC` names, used in place of the model's own one (`own`, or None).
+
+    Its ids must fit the model's vocab_size (an error otherwise). When the model has a tokenizer of its
+    own and the two fingerprints differ, the ids mean other text than in training: the user asked for
+    it, so it is used, with a warning that names both fingerprints."""
+    from scratchllm.tokenizer import load_tokenizer
+    from scratchllm.weights.checkpoint import check_vocab
+
+    tokenizer = load_tokenizer(spec)
+    check_vocab(model, tokenizer, f"--tokenizer {spec} with --model {model_path}")
+    if own is not None and own.fingerprint() != tokenizer.fingerprint():
+        print(f"warning: --tokenizer {spec} is not the tokenizer {model_path} was saved with (fingerprint "
+              f"{tokenizer.fingerprint()[:16]} vs the model's {own.fingerprint()[:16]}): the same ids stand "
+              "for other text, so expect gibberish. Using it as asked; leave out --tokenizer to use the "
+              "model's own", file=sys.stderr)
+    return tokenizer
+
+
 def generate(args) -> int:
     from scratchllm.infer.detok import Detokenizer
     from scratchllm.infer.engine import Engine, text_deltas
@@ -42,9 +62,7 @@ def generate(args) -> int:
     precision = select_precision(args.precision, device)
     model, tokenizer = load_model(args.model, device=device)
     if args.tokenizer:
-        from scratchllm.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = replace_tokenizer(model, tokenizer, args.tokenizer, args.model)
     if tokenizer is None:
         raise ScratchError(f"{args.model} has no tokenizer/ folder: pass --tokenizer DIR (or `gpt2`)")
     model = model.to(torch_dtype(precision))

@@ -166,9 +166,15 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
     dest = Path(dest)
     source = source or resolve_url(url)
     via = f" (via mirror {source})" if source != url else ""
+    if dest.is_dir():
+        raise ScratchError(f"cannot download {url} to {dest}: that is a folder (remove it or choose another place)")
     if dest.exists() and not force and check_file(dest, sha256, size) is None:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission, ...
+        raise ScratchError(f"cannot download {url}: cannot create the folder {dest.parent} "
+                           f"({e.strerror or e})") from None
     part = dest.with_name(dest.name + ".part")
     last_error: Exception | None = None
     for attempt in range(retries + 1):
@@ -178,6 +184,8 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
             break
         except FileNotFoundError as e:
             raise ScratchError(f"cannot download {url}: {e} (check SCRATCHLLM_MIRROR)") from None
+        except (PermissionError, IsADirectoryError, NotADirectoryError) as e:  # local: retrying cannot help
+            raise ScratchError(f"cannot download {url}{via}: {e.filename}: {e.strerror}") from None
         except urllib.error.HTTPError as e:
             if not (e.code == 429 or 500 <= e.code <= 599):  # not busy or failing: final
                 raise ScratchError(f"cannot download {url}{via}: HTTP {e.code} {e.reason}") from None
@@ -190,10 +198,16 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, size:
             if attempt < retries:
                 time.sleep(_backoff(attempt, None))
     if last_error is not None:
-        kept = part.stat().st_size if part.exists() else 0
+        kept = part.stat().st_size if part.is_file() else 0
+        if kept:
+            left = f"{kept} bytes kept in {part}, run again to resume"
+        else:  # nothing arrived (offline, DNS, refused): no .part to speak of
+            if part.is_file():
+                part.unlink()
+            left = ("nothing was downloaded; check the network connection, or set SCRATCHLLM_MIRROR to a "
+                    "local mirror folder or URL")
         raise ScratchError(f"cannot download {url}{via} after {retries + 1} attempts: "
-                           f"{type(last_error).__name__}: {last_error}; {kept} bytes kept in {part}, "
-                           "run again to resume") from None
+                           f"{type(last_error).__name__}: {last_error}; {left}") from None
     problem = check_file(part, sha256, size)
     if problem is not None:
         part.unlink(missing_ok=True)

@@ -11,7 +11,9 @@ What it does:
   Face GPT-2 folder, or the path of the `model.safetensors` inside one of those model folders (its
   folder is used), and returns `(GPT, Tokenizer | None)`.
   Weights are loaded with state.load_state_dict_checked: any mismatch is one ScratchError listing the
-  missing, unexpected and wrongly shaped keys.
+  missing, unexpected and wrongly shaped keys. A folder with a meta.json (every training checkpoint)
+  is first checked against its `files` table (`verify_model_files`): sizes on every load, sha256 on
+  the first load of each file version (remembered in `.verified.json`); an empty table is refused.
 What it does not do: optimizer / training state (train/checkpointing.py) or HF conversion (hf.py).
 
     save_model(model, tok, "out/model")
@@ -50,7 +52,8 @@ def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, met
     (folder / CONFIG).write_text(json.dumps(inner.config.to_dict(), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(folder / TOKENIZER_DIR)
-    if meta is not None:
+    if meta is not None:  # with the size + sha256 of every file, as a training checkpoint has
+        meta = {**meta, "files": state.folder_digests(folder)}
         (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -77,15 +80,43 @@ def resolve_model_dir(path: str | Path) -> Path:
     return state.resolve_latest(path, CONFIG)
 
 
+def _read_by_load(name: str) -> bool:
+    """The files of a checkpoint's meta.json table that load_model reads (not train_state.pt)."""
+    return name in (WEIGHTS, CONFIG) or name.startswith(TOKENIZER_DIR + "/")
+
+
+def verify_model_files(folder: str | Path) -> None:
+    """When `folder` holds a meta.json (training checkpoints, save_model(meta=...)): check what
+    load_model reads against its `files` table: sizes every time, sha256 once per file version (the
+    passed checks are kept in `.verified.json`, see state.verify_files). No meta.json: nothing to check."""
+    folder = Path(folder)
+    meta_path = folder / META
+    if not meta_path.is_file():
+        return
+    meta = read_json(meta_path)
+    files = state.listed_files(meta, meta_path, hint=f", or remove {META} to load the model unchecked")
+    if WEIGHTS not in files:
+        raise ScratchError(f"{meta_path}: its `files` table does not list {WEIGHTS}, so the weights cannot be "
+                           f"checked for corruption; restore {META} from the original checkpoint")
+    if meta.get("base_fingerprint"):
+        raise ScratchError(f"{folder} holds only the trainable parameters of a run (a head or adapters) on top "
+                           f"of base model {meta['base_fingerprint']}: load it with "
+                           "train.checkpointing.load_partial(base_model, folder)")
+    state.verify_files(folder, files, meta_path, which=_read_by_load, cache=True)
+
+
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, object | None]:
     """(model in eval mode, tokenizer or None) from a model folder, a run folder, a HF GPT-2 folder
-    or a model folder's model.safetensors."""
+    or a model folder's model.safetensors. A checkpoint's files are first checked against its
+    meta.json (verify_model_files)."""
     folder = resolve_model_dir(path)
+    verify_model_files(folder)
     config_dict = read_json(folder / CONFIG)
     if "model_type" in config_dict or "n_positions" in config_dict:  # a transformers config
         model, tokenizer = load_hf_gpt2(folder, device=device), load_hf_tokenizer(folder)
     else:
-        config = ModelConfig.from_dict(config_dict, source=str(folder / CONFIG))
+        source = str(folder / CONFIG)
+        config = state.config_from_file(lambda: ModelConfig.from_dict(config_dict, source=source), source)
         if not (folder / WEIGHTS).is_file():
             raise ScratchError(f"{folder / WEIGHTS} is missing")
         model = state.empty_model(config, device)

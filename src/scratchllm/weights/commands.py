@@ -38,12 +38,14 @@ def read_config(path: str | Path):
     from scratchllm.model.config import ModelConfig
     from scratchllm.weights.checkpoint import CONFIG, resolve_model_dir
     from scratchllm.weights.hf import config_from_hf
+    from scratchllm.weights.state import config_from_file
 
     folder = resolve_model_dir(path)
-    d = read_json(folder / CONFIG)
+    source = str(folder / CONFIG)
+    d = read_json(source)
     if "model_type" in d or "n_positions" in d:
-        return config_from_hf(d, str(folder / CONFIG))
-    return ModelConfig.from_dict(d, source=str(folder / CONFIG))
+        return config_from_file(lambda: config_from_hf(d, source), source)
+    return config_from_file(lambda: ModelConfig.from_dict(d, source=source), source)
 
 
 def download(args) -> int:
@@ -61,10 +63,11 @@ def download(args) -> int:
 def export(args) -> int:
     """`scratchllm export --format hf`: a model folder to a Hugging Face GPT-2 folder."""
     from scratchllm.weights.checkpoint import load_model
-    from scratchllm.weights.hf import export_hf
+    from scratchllm.weights.hf import check_export_dir, export_hf
 
     if args.format != "hf":
         raise ScratchError(f"export: unknown format {args.format!r} (supported: hf)")
+    check_export_dir(args.out, overwrite=args.overwrite)  # a bad --out fails before the model is read
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise ScratchError(f"{args.model}: no tokenizer/ folder; the HF export needs the model's tokenizer")

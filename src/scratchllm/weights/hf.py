@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from scratchllm.common import ScratchError, atomic_dir, read_json
 from scratchllm.model import GPT, ModelConfig
-from scratchllm.weights.state import empty_model, load_state_dict_checked, read_safetensors
+from scratchllm.weights.state import config_from_file, empty_model, load_state_dict_checked, read_safetensors
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation GPT-2 uses
@@ -111,7 +111,8 @@ def load_hf_gpt2(path: str | Path, device="cpu") -> GPT:
     if not weights.is_file():
         hint = " (only safetensors is read: no pickle / TF files)" if (folder / "pytorch_model.bin").exists() else ""
         raise ScratchError(f"{weights} not found{hint}")
-    config = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
+    source = str(folder / "config.json")
+    config = config_from_file(lambda: config_from_hf(read_json(source), source), source)
     sd = state_dict_from_hf(read_safetensors(weights))
     model = empty_model(config, device)
     load_state_dict_checked(model, sd, str(weights))
@@ -190,16 +191,28 @@ def load_hf_tokenizer(folder: str | Path):
     return Tokenizer(ranks, pattern, specials, name=folder.name)
 
 
+def check_export_dir(out_dir: str | Path, overwrite: bool = False) -> bool:
+    """Refuse an `out_dir` export_hf cannot write (before any work): a non-empty folder or a file
+    without `overwrite`, or a path whose parent folder cannot be made. Returns True for an empty folder."""
+    out_dir = Path(out_dir)
+    empty_dir = out_dir.is_dir() and not any(out_dir.iterdir())
+    if out_dir.exists() and not (empty_dir or overwrite):
+        kind = "is not empty" if out_dir.is_dir() else "is a file"
+        raise ScratchError(f"{out_dir} already exists and {kind} (pass --overwrite to replace it)")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission, ...
+        raise ScratchError(f"cannot create {out_dir}: making {out_dir.parent} failed ({e.strerror or e})") from None
+    return empty_dir
+
+
 def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a HF GPT-2 folder (weights + tokenizer) that transformers loads unchanged.
 
     `out_dir` may be missing or an empty folder; anything else (a non-empty folder, a file) is
     refused unless `overwrite`, which replaces it only once the new folder is complete."""
     out_dir = Path(out_dir)
-    empty_dir = out_dir.is_dir() and not any(out_dir.iterdir())
-    if out_dir.exists() and not (empty_dir or overwrite):
-        kind = "is not empty" if out_dir.is_dir() else "is a file"
-        raise ScratchError(f"{out_dir} already exists and {kind} (pass --overwrite to replace it)")
+    empty_dir = check_export_dir(out_dir, overwrite)
     cfg = model.config
     eot = tokenizer.eot_token if tokenizer is not None else None
     hf_config = config_to_hf(cfg, eot)  # refuses Llama-style configs before anything is written

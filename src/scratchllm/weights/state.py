@@ -8,6 +8,10 @@ checkpoints in train/):
 - loading: `load_state_dict_checked` copies weights into a model, or raises one ScratchError that
   lists every missing, unexpected and misshapen key; `empty_model` allocates a GPT to load into;
   `read_safetensors` reads a file with a clear error.
+- integrity: `listed_files` reads the `files` table of a checkpoint's meta.json (size + sha256 of every
+  file; an empty table is an error), `verify_files` checks files against it (sizes always; hashes
+  once, then cached in `.verified.json` while the file stays untouched, when asked), `folder_digests`
+  writes such a table.
 - run folders: `write_latest` / `read_latest` / `resolve_latest` handle `RUN_DIR/latest`, the file
   that names the newest complete checkpoint folder.
 What it does not do: choose file names inside a folder, write folders atomically, or hold any
@@ -21,13 +25,14 @@ only torch, safetensors and common.py, so any layer can import it without a cycl
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
-from scratchllm.common import ScratchError, atomic_write_text
+from scratchllm.common import ScratchError, atomic_write_text, sha256_file
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 LATEST = "latest"  # RUN_DIR/latest holds the name of the newest complete checkpoint folder
@@ -100,10 +105,32 @@ def empty_model(config, device="cpu"):
     return model
 
 
-def _listed(title: str, items: list[str], limit: int = 12) -> str:
-    """'missing keys (3): a; b; c', cut after `limit` items."""
-    shown = "; ".join(items[:limit]) + (f"; ... ({len(items) - limit} more)" if len(items) > limit else "")
-    return f"{title} ({len(items)}): {shown}"
+def config_from_file(build: Callable[[], object], source: str):
+    """`build()`, a ModelConfig made from the values of the file `source`, with every error naming that
+    file: ModelConfig's own checks say 'model config: ...', and a value of the wrong type ("n_head":
+    "four", "dropout": "x") fails inside them with a TypeError.
+
+    >>> config_from_file(lambda: int("x"), "m/config.json")
+    Traceback (most recent call last):
+    scratchllm.common.ScratchError: m/config.json: a value of the wrong kind (invalid literal for int() with base 10: 'x')
+    """
+    try:
+        return build()
+    except ScratchError as e:
+        msg = str(e)
+        raise ScratchError(msg if msg.startswith(source) else f"{source}: {msg.removeprefix('model config: ')}") from None
+    except (TypeError, ValueError) as e:
+        raise ScratchError(f"{source}: a value of the wrong kind ({e})") from None
+
+
+def _listed(title: str, items: list[str], limit: int = 8) -> list[str]:
+    """One line per item under a title line, cut after `limit` items.
+
+    >>> _listed("missing keys", ["a", "b", "c"], limit=2)
+    ['  missing keys (3):', '    a', '    b', '    ... and 1 more']
+    """
+    more = [f"    ... and {len(items) - limit} more"] if len(items) > limit else []
+    return [f"  {title} ({len(items)}):", *(f"    {item}" for item in items[:limit]), *more]
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
@@ -125,11 +152,97 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     unexpected = sorted(set(state) - want)
     misshapen = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {shapes[k]}"
                  for k in shapes if k in want and k in state and tuple(state[k].shape) != shapes[k]]
-    problems = [_listed(title, items) for title, items in
-                (("shape mismatch", misshapen), ("missing keys", missing), ("unexpected keys", unexpected)) if items]
+    problems = [line for title, items in (("shape mismatch", misshapen), ("missing keys", missing),
+                                          ("unexpected keys", unexpected)) if items for line in _listed(title, items)]
     if problems:
-        raise ScratchError(f"{source}: weights do not fit the model config: " + " | ".join(problems))
+        raise ScratchError("\n".join([f"{source}: weights do not fit the model config:", *problems]))
     inner.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------------------------- integrity
+VERIFIED = ".verified.json"  # a folder's record of the sha256 checks that passed, keyed by file identity
+
+
+def file_digest(path: str | os.PathLike) -> dict:
+    """{'size': bytes, 'sha256': hex} of one file, the entry a meta.json `files` table holds for it."""
+    return {"size": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def folder_digests(folder: str | os.PathLike) -> dict[str, dict]:
+    """file_digest of every file under `folder`, by relative path: {'model.safetensors': {...}, ...}."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def listed_files(meta, meta_path: str | os.PathLike, hint: str = "") -> dict[str, dict]:
+    """The `files` table of a parsed meta.json, checked: a non-empty {relative path: {'size', 'sha256'}}.
+
+    An empty or missing table would switch the integrity check off without a word, so it is an error
+    (`hint` is added to its message: what else the user may do)."""
+    meta_path = Path(meta_path)
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not files:
+        what = "empty" if files == {} else "missing" if files is None else f"a {type(files).__name__}"
+        raise ScratchError(f"{meta_path}: its `files` table is {what}, so nothing in {meta_path.parent} can be "
+                           "checked for corruption (scratchllm lists the size and sha256 of every file it saves). "
+                           f"Restore {meta_path.name} from the original checkpoint{hint}")
+    for rel, want in files.items():
+        ok = isinstance(want, dict) and type(want.get("size")) is int and isinstance(want.get("sha256"), str)
+        if not ok or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ScratchError(f"{meta_path}: `files` entry {rel!r} must name a file inside the folder with "
+                               f'{{"size": BYTES, "sha256": HEX}}, got {want!r}')
+    return files
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's bytes may have: any write or copy gives a new mtime/ctime/inode."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_verified(folder: Path) -> dict:
+    try:
+        record = json.loads((folder / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def verify_files(folder: str | os.PathLike, files: dict[str, dict], meta_path: str | os.PathLike,
+                 which: Callable[[str], bool] | None = None, cache: bool = False) -> None:
+    """Check the files of a `listed_files` table (those `which(name)` selects; default: all): every size
+    first (cheap), then every sha256. Raises one ScratchError naming the first file that is missing or
+    differs.
+
+    cache=True keeps the sha256 checks that passed in FOLDER/.verified.json, keyed by each file's device,
+    inode, size, mtime and ctime: the next call hashes again only a file that was written, copied or
+    replaced since (any of those changes the key). Sizes are always checked. A folder we cannot write to
+    is simply hashed every time."""
+    folder, meta_path = Path(folder), Path(meta_path)
+    names = [rel for rel in files if which is None or which(rel)]
+    hint = "re-copy it, or use an older step_* folder of the run"
+    for rel in names:
+        f, want = folder / rel, files[rel]["size"]
+        if not f.is_file():
+            raise ScratchError(f"corrupted checkpoint: {f} is missing (it is listed in {meta_path}); {hint}")
+        if f.stat().st_size != want:
+            raise ScratchError(f"corrupted checkpoint: {f} does not match its size in {meta_path} "
+                               f"({f.stat().st_size} bytes, expected {want}); {hint}")
+    known = _read_verified(folder) if cache else {}
+    passed = {}
+    for rel in names:
+        f, want = folder / rel, files[rel]["sha256"].lower()
+        before = _identity(f.stat())
+        if known.get(rel) == {"id": before, "sha256": want}:
+            continue
+        if sha256_file(f) != want:
+            raise ScratchError(f"corrupted checkpoint: {f} does not match its sha256 in {meta_path}; {hint}")
+        if _identity(f.stat()) == before:  # not changed while we read it
+            passed[rel] = {"id": before, "sha256": want}
+    if cache and passed:
+        try:
+            atomic_write_text(folder / VERIFIED, json.dumps({**known, **passed}) + "\n")
+        except OSError:  # a read-only folder: verify again next time
+            pass
 
 
 # --------------------------------------------------------------------------------------------- run folders
