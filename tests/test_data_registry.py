@@ -120,3 +120,14 @@ def test_registered_names_are_prepare_inputs(shared_data, monkeypatch, tmp_path)
     assert doc.source == str(tmp_path / "cache" / "datasets" / "the-verdict.txt")
     with pytest.raises(ScratchError, match="unknown dataset 'nope'"):
         list(iter_documents(["data:nope"]))
+
+
+def test_a_dest_that_is_a_file_fails_before_any_download(tmp_path, capsys, monkeypatch):
+    import scratchllm.data.registry as registry
+
+    monkeypatch.setattr(registry, "download", lambda *a, **k: pytest.fail("no download before the checks"))
+    (tmp_path / "f").write_text("x")
+    assert main(["data", "get", "the-verdict", "--dest", str(tmp_path / "f")]) == 2  # was FileExistsError
+    assert "--dest" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
+    assert main(["data", "get", "the-verdict", "--dest", str(tmp_path / "f" / "sub")]) == 2
+    assert "cannot create" in capsys.readouterr().err

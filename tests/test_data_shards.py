@@ -336,3 +336,132 @@ def test_real_sigint_during_prepare_leaves_nothing(shared_data, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------- --overwrite and --out
+def test_overwrite_replaces_only_a_shard_folder(shared_data, tmp_path, capsys):
+    """`prepare --out DIR --overwrite` deleted any folder, whatever it held."""
+    book = str(shared_data / "the-verdict.txt")
+    mine = tmp_path / "u"
+    mine.mkdir()
+    (mine / "precious.doc").write_text("x")
+    assert main(["prepare", "--input", book, "--tokenizer", "gpt2", "--out", str(mine), "--overwrite",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "u is not a shard folder of ours (it holds precious.doc); --overwrite would delete" in err
+    assert (mine / "precious.doc").read_text() == "x"
+    (tmp_path / "empty").mkdir()  # an empty folder and one of ours are replaced
+    for _ in range(2):
+        prepare([book], "gpt2", tmp_path / "empty", overwrite=True, progress=False)
+    assert open_shards(tmp_path / "empty").train_tokens == 5120
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_out_is_checked_before_any_work(shared_data, tmp_path, monkeypatch):
+    """`prepare --out . --overwrite` failed with "PosixPath('.') has an empty name" after the work."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output folder must be checked before any work")
+
+    monkeypatch.setattr(shards_mod, "expand_inputs", no_work)
+    monkeypatch.setattr("scratchllm.tokenizer.load_tokenizer", no_work)
+    book = str(shared_data / "the-verdict.txt")
+    here = tmp_path / "here"
+    (here / "sub").mkdir(parents=True)
+    (here / "index.json").write_text("{}")  # even a shard folder: it is the folder we work in
+    monkeypatch.chdir(here / "sub")
+    for out, match in [(".", "is the current folder;"), ("", "is the current folder;"),
+                       ("..", "is the current folder or holds it;")]:
+        with pytest.raises(ScratchError, match=match):
+            prepare([book], "gpt2", out, overwrite=True, progress=False)
+    with pytest.raises(ScratchError, match=r"--out \. already exists \(pass --overwrite"):
+        prepare([book], "gpt2", ".", progress=False)
+    (here / "sub" / "f").write_text("x")
+    with pytest.raises(ScratchError, match="f is a file, not a shard folder"):
+        prepare([book], "gpt2", "f", overwrite=True, progress=False)
+    (here / "sub" / "link").symlink_to(here)
+    with pytest.raises(ScratchError, match="link is a symbolic link"):
+        prepare([book], "gpt2", "link", overwrite=True, progress=False)
+    assert sorted(p.name for p in here.iterdir()) == ["index.json", "sub"]
+
+
+def test_an_input_inside_out_is_refused(shared_data, tmp_path):
+    """Rerunning into corpus/shards would read the earlier output (tokenizer/vocab.txt) as text."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(shared_data / "the-verdict.txt", corpus / "book.txt")
+    prepare([str(corpus)], "gpt2", corpus / "shards", progress=False)  # gpt2: no tokenizer/ copy inside
+    tok = load_tokenizer("gpt2")
+    (corpus / "shards" / "notes.txt").write_text("not a document")
+    with pytest.raises(ScratchError, match=r"notes.txt is inside --out .*shards"):
+        prepare([str(corpus)], tok, corpus / "shards", overwrite=True, progress=False)
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"train_shard_tokens": ["5120"]}, "must be lists of the same length"),
+    ({"train_shards": ["../../etc/passwd"]}, "must be lists of the same length"),
+    ({"dtype": "float64"}, "'dtype' is 'float64', not uint16 or uint32"),
+    ({"val_tokens": None}, "'val_tokens' is None, not a count"),
+    ({"train_tokens": 7}, "'train_shard_tokens' add up to 5120, not 'train_tokens' 7"),
+])
+def test_a_hand_edited_index_names_the_field(shared_data, tmp_path, edit, match):
+    prepare([str(shared_data / "the-verdict.txt")], "gpt2", tmp_path / "s", progress=False)
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    (tmp_path / "s" / "index.json").write_text(json.dumps({**index, **edit}))
+    with pytest.raises(ScratchError, match=match):
+        open_shards(tmp_path / "s")
+
+
+def test_not_a_shard_folder(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ScratchError, match="is not a shard folder \\(a file\\)"):
+        open_shards(tmp_path / "f")
+    with pytest.raises(ScratchError, match="is not a shard folder \\(it does not exist\\)"):
+        open_shards(tmp_path / "nope")
+
+
+def test_prepare_input_dev_zero_is_not_called_missing(tmp_path, capsys):
+    assert main(["prepare", "--input", "/dev/zero", "--tokenizer", "gpt2", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "/dev/zero is not a regular file" in err and "does not exist" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options_fail_before_work(tmp_path, monkeypatch):
+    monkeypatch.setattr("scratchllm.tokenizer.load_tokenizer", lambda spec: pytest.fail("no work before the checks"))
+    with pytest.raises(ScratchError, match="--min-chars must be an integer >= 0, got -1"):
+        prepare(["x.txt"], "gpt2", tmp_path / "o", min_chars=-1)
+    with pytest.raises(ScratchError, match="--errors must be 'strict' or 'replace'"):
+        prepare(["x.txt"], "gpt2", tmp_path / "o", errors="ignore")
+
+
+def test_one_overwrite_rule_for_runs_shards_and_tokenizers(tmp_path, monkeypatch):
+    """stage.check_out_dir (runs), prepare (shards) and Tokenizer.save (tokenizers) share
+    common.clear_for_overwrite: `pretrain --out . --overwrite` inside a run folder deleted the folder
+    the shell stood in."""
+    from pathlib import Path
+
+    from scratchllm.common import clear_for_overwrite
+    from scratchllm.train.stage import check_out_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("")
+    monkeypatch.chdir(run)
+    with pytest.raises(ScratchError, match="is the current folder; --overwrite would delete the folder you are working"):
+        check_out_dir(Path("."), None, True)
+    assert (run / "config.toml").exists()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(run)
+    with pytest.raises(ScratchError, match="link is a symbolic link"):
+        check_out_dir(Path("link"), None, True)
+    check_out_dir(Path("run"), None, True)  # one of ours: deleted
+    assert not run.exists()
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(7):
+        (many / f"f{i}").write_text("x")
+    with pytest.raises(ScratchError, match=r"\(it holds f0, f1, f2, f3, f4 and 2 more\)"):
+        clear_for_overwrite(many, ["index.json"], "shard folder")
+    (many / "step_0000001").mkdir()  # a checkpoint marks a run
+    assert clear_for_overwrite(many, ["config.toml", "step_" + "[0-9]" * 7], "run folder", delete=False)
+    assert many.exists() and not clear_for_overwrite(tmp_path / "nope", ["index.json"], "shard folder")

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import scratchllm.data.sources as sources
 from scratchllm.common import ScratchError
 from scratchllm.data.sources import SourceStats, expand_inputs, iter_documents, strip_gutenberg_text
 
@@ -227,9 +228,102 @@ def test_hf_hub_names_are_streamed(monkeypatch):
         return iter([{"text": "streamed one"}, {"text": "streamed two"}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(sources, "_hub_unreachable", lambda: None)  # as if online
     assert texts(["hf:roneneldan/TinyStories:validation"]) == ["streamed one", "streamed two"]
     assert texts(["hf:someone/corpus"]) == ["streamed one", "streamed two"]
     assert calls == [("roneneldan/TinyStories", "validation", True), ("someone/corpus", "train", True)]
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split, streaming: iter([{"text": ["a", "list"]}]))
     with pytest.raises(ScratchError, match=r"hf:someone/corpus:row 0: field 'text' is a list, not a string"):
         texts(["hf:someone/corpus"])
+
+
+# --------------------------------------------------------------------------------------------- hardening
+def test_devices_fifos_and_broken_links_are_not_called_missing(tmp_path):
+    """`prepare --input /dev/zero` used to say the file "does not exist"; reading it would never end."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "link.txt").symlink_to(tmp_path / "gone.txt")
+    for path in ("/dev/zero", fifo):
+        with pytest.raises(ScratchError, match=r"is not a regular file \(a device, FIFO or socket\)"):
+            expand_inputs([str(path)])
+    with pytest.raises(ScratchError, match="link.txt is a broken symbolic link"):
+        expand_inputs([str(tmp_path / "link.txt")])
+    with pytest.raises(ScratchError, match="missing.txt does not exist"):
+        expand_inputs([str(tmp_path / "missing.txt")])
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    f = tmp_path / "a.txt"
+    f.write_text("some text")
+    real = type(f).read_bytes
+
+    def denied(self):
+        if self == f:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(type(f), "read_bytes", denied)  # chmod 000 does not stop root
+    with pytest.raises(ScratchError, match=r"cannot read .*a.txt: Permission denied"):
+        texts([f])
+
+
+def test_a_parquet_name_on_other_bytes(tmp_path):
+    pytest.importorskip("pyarrow")
+    (tmp_path / "t.parquet").write_text("just text, not parquet")
+    with pytest.raises(ScratchError, match=r"t.parquet: not a valid Parquet file"):
+        texts([tmp_path / "t.parquet"])
+
+
+def test_hf_hub_offline_fails_at_once_and_says_what_to_do(monkeypatch):
+    """Offline, datasets retried for about 25 s and ended in a ConnectionError traceback."""
+    import time
+
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the check comes first"))
+    start = time.perf_counter()
+    with pytest.raises(ScratchError, match=r"hf:someone/corpus: cannot reach the Hugging Face Hub \(127.0.0.1:9.*"
+                                           r"save_to_disk.*HF_DATASETS_OFFLINE=1"):
+        expand_inputs(["hf:someone/corpus"])  # before any work: prepare calls this first
+    assert time.perf_counter() - start < 6
+
+
+def test_hf_errors_of_the_datasets_library_become_messages(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the local cache only: no probe
+
+    def not_cached(name, split, streaming):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_cached)
+    with pytest.raises(ScratchError, match=r"hf:someone/corpus: cannot open the dataset \(ConnectionError: "):
+        texts(["hf:someone/corpus"])
+
+    def broken_stream(name, split, streaming):
+        yield {"text": "one"}
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(datasets, "load_dataset", broken_stream)
+    with pytest.raises(ScratchError, match=r"hf:someone/corpus: reading row 1 failed \(ConnectionError"):
+        texts(["hf:someone/corpus"])
+
+
+def test_hf_folder_that_is_not_a_saved_dataset(tmp_path):
+    """load_from_disk on an ordinary folder raised FileNotFoundError (a traceback)."""
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello")
+    with pytest.raises(ScratchError, match=r"texts is not a dataset saved with `save_to_disk`.*drop the hf: prefix"):
+        expand_inputs([f"hf:{tmp_path / 'texts'}"])
+    with pytest.raises(ScratchError, match=r"folder \./nowhere does not exist"):
+        expand_inputs(["hf:./nowhere"])  # written as a path: not looked up on the Hub
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t"]})})
+    dd.save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(ScratchError, match=r"no split 'test' \(splits: \['train'\]\)"):
+        expand_inputs([f"hf:{tmp_path / 'dict'}:test"])  # before any work
+    assert expand_inputs([f"hf:{tmp_path / 'dict'}"]) == [f"hf:{tmp_path / 'dict'}"]

@@ -244,3 +244,138 @@ def test_vocab_bpe_outside_the_byte_alphabet(shared_data, tmp_path):
     (tmp_path / "vocab.bpe").write_text("\n".join(merges))
     with pytest.raises(ScratchError, match="merge 1 .* outside GPT-2's byte alphabet"):
         from_gpt2_files(shared_data / "gpt2" / "encoder.json", tmp_path / "vocab.bpe")
+
+
+# --------------------------------------------------------------------------------------------- hardening
+def _edit_meta(d, **fields):
+    meta = json.loads((d / "tokenizer.json").read_text())
+    meta.update(fields)
+    (d / "tokenizer.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"special_tokens": ["<|endoftext|>"]}, r"field 'special_tokens' must be a table"),  # was a ValueError
+    ({"vocab_size": "three hundred"}, r"field 'vocab_size' must be an integer, got 'three hundred'"),
+    ({"vocab_size": 5}, r"'vocab_size' is 5 but the ranks and special tokens give 600 ids"),
+    ({"vocab_size": 601}, r"'vocab_size' is 601 but the ranks and special tokens give 600 ids"),
+    ({"num_ranks": 12}, r"'num_ranks' is 12 but ranks.tiktoken holds 598 ranks"),
+    ({"pattern": 7}, r"field 'pattern' must be a string"),
+    ({"pattern": "[a-z]+"}, r" \+ ranks.tiktoken: split pattern .* does not cover"),
+    ({"special_tokens": {"<|endoftext|>": "598"}}, r" \+ ranks.tiktoken: special token ids must be"),
+    ({"special_tokens": {"<|endoftext|>": 5}}, r" \+ ranks.tiktoken: special token ids \[5\] collide"),
+    ({"ranks_sha256": None}, r"field 'ranks_sha256' must be a string"),
+    ({"format_version": True}, r"field 'format_version' is missing or not an integer"),
+])
+def test_every_field_of_tokenizer_json_is_checked_and_named(trained, tmp_path, fields, match):
+    d = trained.save(tmp_path / "tok")
+    _edit_meta(d, **fields)
+    with pytest.raises(ScratchError, match=r"tok/tokenizer.json.*" + match):
+        Tokenizer.load(d)
+
+
+def test_a_missing_vocab_size_and_an_unreadable_ranks_file(trained, tmp_path, monkeypatch):
+    d = trained.save(tmp_path / "tok")
+    meta = json.loads((d / "tokenizer.json").read_text())
+    del meta["vocab_size"]
+    (d / "tokenizer.json").write_text(json.dumps(meta))
+    with pytest.raises(ScratchError, match="tokenizer.json: required field 'vocab_size' is missing"):
+        Tokenizer.load(d)
+    d = trained.save(tmp_path / "tok2")
+    real = type(d).read_bytes
+
+    def denied(self):
+        if self.name == "ranks.tiktoken":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(type(d), "read_bytes", denied)  # chmod 000 does not stop root
+    with pytest.raises(ScratchError, match=r"cannot read .*tok2/ranks.tiktoken: Permission denied"):
+        Tokenizer.load(d)
+
+
+def test_a_huge_rank_fails_at_once(shared_data, tmp_path):
+    """The hole check built range(largest rank): an edited rank of 4e9 tried to fill memory."""
+    import time
+
+    lines = (shared_data / "gpt2" / "r50k_base.tiktoken").read_bytes().splitlines(keepends=True)
+    f = tmp_path / "mine.tiktoken"
+    f.write_bytes(b"".join(lines[:256] + [lines[256].replace(b" 256", b" 4000000000")]))
+    start = time.perf_counter()
+    with pytest.raises(ScratchError, match=r"mine.tiktoken: rank 256 is missing \(3999999744 id\(s\)"):
+        from_tiktoken_file(f, special_tokens={})
+    assert time.perf_counter() - start < 5
+    f.write_bytes(b"".join(lines[:256] + [lines[256].replace(b" 256", b" 9999999999")]))
+    with pytest.raises(ScratchError, match=r"mine.tiktoken:257: rank 9999999999 is not in \[0, 4294967295\]"):
+        from_tiktoken_file(f)
+    f.write_bytes(b"".join(lines[:256] + [lines[256].replace(b" 256", b" -1")]))
+    with pytest.raises(ScratchError, match=r"mine.tiktoken:257: rank -1 is not in"):
+        from_tiktoken_file(f)
+
+
+def test_constructor_type_errors_are_messages(trained):
+    ranks = trained.mergeable_ranks
+    with pytest.raises(ScratchError, match=r"special tokens must be a \{token: id\} mapping .* got a list"):
+        Tokenizer(ranks, "gpt2", ["<|endoftext|>"])  # was: ValueError from dict()
+    with pytest.raises(ScratchError, match="the split pattern must be a string"):
+        Tokenizer(ranks, ["gpt2"])
+    with pytest.raises(ScratchError, match="ranks must map token bytes to ids"):
+        Tokenizer({**ranks, b"xy": "9"}, "gpt2")
+    with pytest.raises(ScratchError, match=r"special token ids must be in \[0, 4294967295\]"):
+        Tokenizer(ranks, "gpt2", {"<|endoftext|>": 2**40})
+
+
+def test_gpt2_files_with_bad_values_name_the_file(shared_data, tmp_path):
+    enc = json.loads((shared_data / "gpt2" / "encoder.json").read_text())
+    enc["!"] = "zero"
+    (tmp_path / "encoder.json").write_text(json.dumps(enc))
+    with pytest.raises(ScratchError, match=r"encoder.json: token '!' has id 'zero', not an integer"):
+        from_gpt2_files(tmp_path / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
+    (tmp_path / "vocab.bpe").write_bytes(b"#version: 0.2\n\xff\xfe\n")
+    with pytest.raises(ScratchError, match=r"vocab.bpe: not UTF-8 text"):
+        from_gpt2_files(shared_data / "gpt2" / "encoder.json", tmp_path / "vocab.bpe")
+
+
+def test_load_tokenizer_says_what_was_given(trained, tmp_path):
+    d = trained.save(tmp_path / "tok")
+    with pytest.raises(ScratchError, match=r"is the file inside a tokenizer folder: give the folder '.*tok'"):
+        load_tokenizer(d / "tokenizer.json")
+    with pytest.raises(ScratchError, match=r"vocab.txt' is not a folder or a .tiktoken file"):
+        load_tokenizer(d / "vocab.txt")
+
+
+def test_save_overwrite_replaces_only_a_tokenizer_folder(trained, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.doc").write_text("x")
+    with pytest.raises(ScratchError, match=r"mine is not a tokenizer folder of ours \(it holds precious.doc\)"):
+        trained.save(mine, overwrite=True)
+    assert (mine / "precious.doc").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    trained.save(tmp_path / "empty", overwrite=True)
+    trained.save(tmp_path / "empty", overwrite=True)  # and again: now it is one of ours
+    assert Tokenizer.load(tmp_path / "empty") == trained
+
+
+def test_tokenizer_cli_checks_before_training(tmp_path, capsys):
+    from scratchllm.cli import main
+
+    missing = str(tmp_path / "missing.txt")  # never reached: every check below comes first
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.doc").write_text("x")
+    assert main(["tokenizer", "train", "--input", missing, "--vocab-size", "300", "--out", str(mine),
+                 "--overwrite"]) == 2
+    assert "mine is not a tokenizer folder of ours (it holds precious.doc)" in capsys.readouterr().err
+    assert (mine / "precious.doc").read_text() == "x"
+    assert main(["tokenizer", "train", "--input", missing, "--vocab-size", "100", "--out", str(tmp_path / "t")]) == 2
+    assert "--vocab-size 100 is too small" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--input", missing, "--vocab-size", "300", "--out", str(tmp_path / "t"),
+                 "--special", "<|a|>", "<|a|>"]) == 2
+    assert "special token '<|a|>' is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    for cmd in (["encode", "--tokenizer", "gpt2", "--file", "/dev/zero"],
+                ["stats", "--tokenizer", "gpt2", "--file", "/dev/zero"],
+                ["train", "--input", "/dev/zero", "--vocab-size", "300", "--out", str(tmp_path / "t")]):
+        assert main(["tokenizer", *cmd]) == 2
+        err = capsys.readouterr().err
+        assert "/dev/zero" in err and "is not a regular file (a device, FIFO or socket)" in err

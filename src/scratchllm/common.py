@@ -235,6 +235,62 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def check_can_create(path: str | os.PathLike) -> None:
+    """Before long work: make sure `path` can be created, i.e. the folder above it exists (it is made)
+    and is writable, so that a bad output path fails at once and not after the work is done."""
+    parent = Path(os.path.abspath(path)).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ScratchError(f"cannot create {path}: making {parent} failed ({e.strerror or e})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ScratchError(f"cannot create {path}: {parent} is not writable (permission denied); choose another path")
+
+
+def clear_for_overwrite(path: str | os.PathLike, markers, what: str, *, by: str = "--overwrite",
+                        delete: bool = True) -> bool:
+    """The one `--overwrite` rule: an existing `path` may be replaced only when it is an empty folder or
+    holds one of `markers` (glob patterns of entry names that only our own folders hold), so that no
+    flag ever deletes a folder of someone else's files. Returns False when `path` does not exist, True
+    when it may be replaced: with `delete` it is gone when this returns; with delete=False it is only
+    checked (for callers that check before long work and replace it atomically later: `atomic_dir`).
+    Anything else raises ScratchError naming up to 5 of its entries: a folder of other files, a file,
+    a symbolic link, or the current folder or one above it. `by` names who would delete, for the message.
+
+        clear_for_overwrite("shards", ["index.json"], "shard folder")   # shards/index.json: deleted
+        clear_for_overwrite("docs", ["index.json"], "shard folder")     # ScratchError: it holds a.md, ...
+    """
+    import fnmatch
+
+    path = Path(path)
+    if path.is_symlink():
+        raise ScratchError(f"{path} is a symbolic link; {by} replaces only a real folder, so it is refused: "
+                           "give the folder it points to, or another path")
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise ScratchError(f"{path} is a file, not a {what}; {by} replaces only a {what}, so it is refused: "
+                           "choose another path or remove the file yourself")
+    here, target = Path(os.path.realpath(Path.cwd())), Path(os.path.realpath(path))
+    if target == here or target in here.parents:
+        raise ScratchError(f"{path} is the current folder{'' if target == here else ' or holds it'}; {by} "
+                           "would delete the folder you are working in, so it is refused: give a subfolder")
+    try:
+        entries = sorted(p.name for p in path.iterdir())
+    except OSError as e:
+        raise ScratchError(f"cannot list {path}: {e.strerror or e}") from None
+    if entries and not any(fnmatch.fnmatchcase(name, m) for name in entries for m in markers):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ScratchError(f"{path} is not a {what} of ours (it holds {shown}); {by} would delete those files, "
+                           "so it is refused: choose another path or empty the folder yourself")
+    if delete:
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            raise ScratchError(f"cannot delete {path} to replace it: {e.strerror or e}") from None
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # progress
 

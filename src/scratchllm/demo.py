@@ -8,6 +8,12 @@ frequency alone). Step 3 pretrains a small GPT on the shards with the shared Tra
 curve, report), and step 4 prints samples of the untrained and the trained model and the validation
 loss against the baseline. Everything stays in --out; the run folder is named at the end.
 
+Every argument is checked before any work. The demo writes only three subfolders of --out: `tokenizer/`,
+`shards/` and `run/`. Running it again into the same --out (`make demo` twice) replaces those three,
+each only when it is empty or recognisably ours (a tokenizer folder, a shard folder, a run folder: the
+`--overwrite` rule of `common.clear_for_overwrite`); any other file in --out is left alone, and a
+subfolder of that name holding other files stops the demo before it starts.
+
     scratchllm demo --out runs/demo                 # a few minutes on 2 cores
     scratchllm demo --out /tmp/d --max-steps 5      # a smoke test
 """
@@ -17,7 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from scratchllm.common import ScratchError, print0
+from scratchllm.common import ScratchError, check_can_create, clear_for_overwrite, print0
 
 
 def train_tokenizer(docs: list[str], vocab_size: int, out: Path):
@@ -74,19 +80,57 @@ def samples(model, tok, title: str) -> None:
         print0(f"      {prompt!r} -> {text!r}")
 
 
+SEED = 1337
+
+
+def demo_config(out: Path, max_steps: int):
+    """The pretraining run of step 3 (building it validates --max-steps with the Trainer's own rules)."""
+    from scratchllm.configs import PretrainConfig, TrainConfig
+
+    train = TrainConfig(max_steps=max_steps, batch_size=16, lr=3e-3, min_lr=3e-4,
+                        warmup_steps=max(1, max_steps // 20), eval_every=max(1, max_steps // 10), eval_batches=8,
+                        checkpoint_every=0, sample_every=0, precision="fp32", seed=SEED, device="cpu")
+    return PretrainConfig(data=str(out / "shards"), tokenizer=str(out / "tokenizer"), model_preset="tiny",
+                          out=str(out / "run"), block_size=128, train=train)
+
+
+def check_args(args):
+    """Everything the demo is given, checked before any work (nothing is created when one is bad):
+    the numbers, --out, and that each of OUT/tokenizer, OUT/shards and OUT/run is absent, empty or
+    one of ours, so that a rerun replaces them and deletes nothing else. Returns the run's config."""
+    from scratchllm.data.shards import FOLDER_MARKERS as SHARD_MARKERS
+    from scratchllm.tokenizer.bpe import merges_for_vocab
+    from scratchllm.tokenizer.tokenizer import FOLDER_MARKERS as TOKENIZER_MARKERS
+    from scratchllm.train.stage import RUN_FILES
+
+    merges_for_vocab(args.vocab_size, 1, "--vocab-size")  # the demo's tokenizer has one special token
+    if isinstance(args.max_steps, bool) or not isinstance(args.max_steps, int) or args.max_steps < 1:
+        raise ScratchError(f"--max-steps must be an integer >= 1, got {args.max_steps!r}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ScratchError(f"--out {out} is a file, not a folder")
+    parts = [("tokenizer", TOKENIZER_MARKERS, "tokenizer folder"), ("shards", SHARD_MARKERS, "shard folder"),
+             ("run", (*RUN_FILES, "step_" + "[0-9]" * 7), "run folder")]  # the markers stage.check_out_dir uses
+    for name, markers, what in parts:
+        clear_for_overwrite(out / name, markers, what, by="rerunning the demo into this --out", delete=False)
+    cfg = demo_config(out, args.max_steps)
+    check_can_create(out / "run")  # makes --out; fails now when it cannot be written
+    return cfg
+
+
 def run(args) -> int:
+    cfg = check_args(args)
+
     import torch
 
     from scratchllm.common import seed_everything
-    from scratchllm.configs import PretrainConfig, TrainConfig
     from scratchllm.data.shards import open_shards, prepare
     from scratchllm.data.sources import pydocs_documents
     from scratchllm.model import GPT, ModelConfig
     from scratchllm.train.pretrain import pretrain
     from scratchllm.weights.checkpoint import load_model
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, run_dir = Path(args.out), Path(cfg.out)
     start = time.perf_counter()
     docs = pydocs_documents()
     tok, _ = train_tokenizer(docs, args.vocab_size, out / "tokenizer")
@@ -98,19 +142,13 @@ def run(args) -> int:
     print0(f"    {shards.train_tokens:,} train / {shards.val_tokens:,} validation tokens; unigram baseline "
            f"{baseline:.3f} nats/token")
 
-    seed, run_dir = 1337, out / "run"
-    seed_everything(seed)  # the same initial weights the pretraining run starts from
+    seed_everything(SEED)  # the same initial weights the pretraining run starts from
     untrained = GPT(ModelConfig.from_preset("tiny", vocab_size=-(-tok.vocab_size // 64) * 64, **DEMO_MODEL)).eval()
     print0(f"\n[3] pretraining a {untrained.num_params() / 1e6:.1f}M-parameter GPT for {args.max_steps} steps")
     samples(untrained, tok, "untrained samples")
-    steps = args.max_steps
-    train = TrainConfig(max_steps=steps, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=max(1, steps // 20),
-                        eval_every=max(1, steps // 10), eval_batches=8, checkpoint_every=0, sample_every=0,
-                        precision="fp32", seed=seed, device="cpu")
-    cfg = PretrainConfig(data=str(out / "shards"), tokenizer=str(out / "tokenizer"), model_preset="tiny",
-                         out=str(run_dir), block_size=128, train=train)
-    if pretrain(cfg, overwrite=True)["interrupted"]:
-        return 130  # interrupted: the checkpoint is in run_dir
+    summary = pretrain(cfg, overwrite=True)
+    if summary["interrupted"]:
+        return summary["exit_code"]  # 130 after Ctrl-C, 143 after SIGTERM: the checkpoint is in run_dir
     model, _ = load_model(run_dir)
     with torch.no_grad():
         samples(model, tok, "trained samples")

@@ -24,7 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from scratchllm.common import ScratchError, atomic_write_bytes
+from scratchllm.common import ScratchError, atomic_write_bytes, check_can_create
 from scratchllm.io.download import cache_dir, check_file, download, resolve_url
 
 _RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/28c65cdfbc3338e2e040016eea4b7fdf556e4d57"
@@ -175,12 +175,24 @@ def get(name: str, dest: str | os.PathLike | None = None, force: bool = False, p
         os.replace(tmp, target)
     if dest is None:
         return target
+    check_dest(dest)
     out = Path(dest) / Path(ds.file).name
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    shutil.copyfile(target, tmp)
-    os.replace(tmp, out)
+    try:
+        shutil.copyfile(target, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ScratchError(f"cannot copy {name} into --dest {dest}: {e.strerror or e}") from None
     return out
+
+
+def check_dest(dest: str | os.PathLike) -> None:
+    """--dest is a folder we can write into (it is created when missing)."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ScratchError(f"--dest {dest} is a file, not a folder")
+    check_can_create(dest / "x")
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -211,6 +223,8 @@ def get_cmd(args) -> int:
     names = list(DATASETS) if args.names == ["all"] else args.names
     for name in names:
         lookup(name)  # fail on a typo before downloading anything
+    if args.dest is not None:
+        check_dest(args.dest)  # and on a --dest that cannot be written
     for name in names:
         print(get(name, dest=args.dest, force=args.force, progress=not args.quiet))
     return 0

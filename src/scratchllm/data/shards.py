@@ -47,8 +47,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from scratchllm import __version__
-from scratchllm.common import Progress, ScratchError, atomic_dir, atomic_write_text, print0
-from scratchllm.data.sources import SourceStats, expand_inputs, iter_documents
+from scratchllm.common import (
+    Progress,
+    ScratchError,
+    atomic_dir,
+    atomic_write_text,
+    check_can_create,
+    clear_for_overwrite,
+    print0,
+)
+from scratchllm.data.sources import SourceStats, check_options, expand_inputs, iter_documents
 
 if TYPE_CHECKING:
     from scratchllm.tokenizer import Tokenizer
@@ -56,6 +64,8 @@ if TYPE_CHECKING:
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
 CHUNK_CHARS = 1 << 18  # characters per tokenization task (pieces of long documents, or many short ones)
 FORMAT_VERSION = 1
+FOLDER_MARKERS = ("index.json",)  # what marks a folder as a shard folder of ours (--overwrite may replace it)
+_SHARD_NAME = re.compile(r"^(train|val)_\d{4,}\.bin$")
 _SAFE_CUT = re.compile(r"[^\W\d_]\n|\d\n")  # a letter or digit followed by a newline
 
 
@@ -192,7 +202,9 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
     """Tokenize `inputs` (see sources.py) into a shard folder `out_dir`; return its index.
 
     `tokenizer` is a Tokenizer, a tokenizer folder or "gpt2". `source_options` go to `iter_documents`
-    (text_field, errors, strip_gutenberg, min_chars, dedup, normalize_newlines).
+    (text_field, errors, strip_gutenberg, min_chars, dedup, normalize_newlines). Every argument and the
+    output folder are checked before any work: an existing `out_dir` is refused unless `overwrite`, which
+    replaces only an empty folder or a shard folder (one holding index.json), never other files.
     """
     from scratchllm.tokenizer import PATTERNS, Tokenizer, load_tokenizer
 
@@ -200,6 +212,9 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
         raise ScratchError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1 or workers < 1 or chunk_chars < 1:
         raise ScratchError(f"--shard-tokens and --workers must be >= 1 (got {shard_tokens}, {workers})")
+    check_options(source_options.get("errors", "strict"), source_options.get("min_chars", 0))
+    shown, out_dir = out_dir, Path(os.path.abspath(out_dir))  # "." and "x/.." have no name to rename
+    _check_out(shown, out_dir, overwrite)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     if tok.eot_token is None:
         raise ScratchError(f"tokenizer {tok.name!r} has no <|endoftext|> token, which prepare puts after every "
@@ -210,6 +225,10 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
         spec = str(Path(spec).resolve())
     dtype = token_dtype(tok.vocab_size)
     files = expand_inputs(inputs)  # fails early on a bad input; fetches data:NAME inputs (only here)
+    inside = [f for f in files if not f.startswith(("builtin:", "hf:")) and out_dir in Path(os.path.abspath(f)).parents]
+    if inside:
+        raise ScratchError(f"input {inside[0]} is inside --out {shown}: the output of an earlier prepare would be "
+                           "read as text. Choose an --out outside the input folders")
     sized = all(Path(p).is_file() for p in files)  # builtin:/hf: inputs have no size: no ETA then
     approx_chars = sum(Path(p).stat().st_size for p in files) if sized else None
     stats = SourceStats()
@@ -233,7 +252,7 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
                 writers["val"].write(val_ids)
         except BrokenProcessPool:
             raise ScratchError(f"a tokenizer worker process died (killed, or out of memory?); nothing was "
-                               f"written to {out_dir}. Try fewer --workers") from None
+                               f"written to {shown}. Try fewer --workers") from None
         finally:
             if pool is not None:  # on Ctrl-C or an error: drop queued tasks, let running ones end
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -278,7 +297,18 @@ def prepare(inputs: list[str], tokenizer, out_dir: str | Path, val_fraction: flo
             if folder.is_dir():
                 os.chmod(folder, 0o777 & ~umask)
         os.chmod(tmp / "index.json", 0o666 & ~umask)
+        _check_out(shown, out_dir, overwrite)  # again: something may have appeared there while we worked
     return index
+
+
+def _check_out(shown, out_dir: Path, overwrite: bool) -> None:
+    """--out may be created (or, with overwrite, replaced: an empty or a shard folder only)."""
+    if overwrite:
+        clear_for_overwrite(out_dir, FOLDER_MARKERS, "shard folder", delete=False)
+    elif os.path.lexists(out_dir):
+        raise ScratchError(f"--out {shown} already exists (pass --overwrite to replace it: only a shard folder "
+                           "or an empty one is replaced)")
+    check_can_create(out_dir)
 
 
 def _pool(workers: int, tok, spec: str | None, scratch: Path) -> ProcessPoolExecutor:
@@ -352,15 +382,41 @@ class ShardSet:
 def _read_index(path: Path) -> tuple[dict, np.dtype, dict]:
     """(index, dtype, {split: (shard names, token counts)}) of a shard folder; ScratchError if damaged."""
     index_file = path / "index.json"
+    if not path.is_dir():
+        raise ScratchError(f"{path} is not a shard folder ({'a file' if path.exists() else 'it does not exist'}); "
+                           "make one with `scratchllm prepare`")
     if not index_file.is_file():
         raise ScratchError(f"{path} has no index.json; make a shard folder with `scratchllm prepare`")
+    again = "run `scratchllm prepare` again"
     try:
-        index = json.loads(index_file.read_text())
-        dtype = np.dtype(index["dtype"])
-        names = {s: (index[f"{s}_shards"], index[f"{s}_shard_tokens"]) for s in ("train", "val")}
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ScratchError(f"{index_file} is damaged ({type(e).__name__}: {e}); run `scratchllm prepare` again") from None
-    return index, dtype, names
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ScratchError(f"cannot read {index_file}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScratchError(f"{index_file} is damaged ({type(e).__name__}: {e}); {again}") from None
+    if not isinstance(index, dict):
+        raise ScratchError(f"{index_file} is damaged (a JSON {type(index).__name__}, not an object); {again}")
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if index.get("dtype") not in ("uint16", "uint32"):
+        raise ScratchError(f"{index_file}: field 'dtype' is {index.get('dtype')!r}, not uint16 or uint32; {again}")
+    for key in ("vocab_size", "train_tokens", "val_tokens"):
+        if not count(index.get(key)):
+            raise ScratchError(f"{index_file}: field {key!r} is {index.get(key)!r}, not a count; {again}")
+    names = {}
+    for split in ("train", "val"):
+        files, counts = index.get(f"{split}_shards"), index.get(f"{split}_shard_tokens")
+        if not (isinstance(files, list) and isinstance(counts, list) and len(files) == len(counts)
+                and all(isinstance(f, str) and _SHARD_NAME.match(f) for f in files) and all(map(count, counts))):
+            raise ScratchError(f"{index_file}: fields '{split}_shards' and '{split}_shard_tokens' must be lists of "
+                               f"the same length of {split}_XXXX.bin names and token counts; {again}")
+        if sum(counts) != index[f"{split}_tokens"]:
+            raise ScratchError(f"{index_file}: '{split}_shard_tokens' add up to {sum(counts)}, not "
+                               f"'{split}_tokens' {index[f'{split}_tokens']}; {again}")
+        names[split] = (files, counts)
+    return index, np.dtype(index["dtype"]), names
 
 
 def shard_tokenizer(path: str | Path) -> Tokenizer | None:
@@ -413,7 +469,7 @@ def open_shards(path: str | Path, tokenizer=None) -> ShardSet:
             if not f.is_file() or f.stat().st_size != count * dtype.itemsize:
                 raise ScratchError(f"shard {f} is missing or truncated (expected {count} tokens of "
                                    f"{dtype.name}); run `scratchllm prepare` again")
-            arrays[split].append(np.memmap(f, dtype=dtype, mode="r"))
+            arrays[split].append(np.memmap(f, dtype=dtype, mode="r") if count else np.zeros(0, dtype))
     return ShardSet(path, index, arrays["train"], arrays["val"])
 
 

@@ -29,6 +29,7 @@ import ast
 import glob
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -91,8 +92,15 @@ def _decode(data: bytes, where: str, errors: str, offset: int = 0) -> str:
 
 
 # --------------------------------------------------------------------------------------------- readers
+def _cannot_read(path: Path, e: OSError) -> ScratchError:
+    return ScratchError(f"cannot read {path}: {e.strerror or e}; check that it exists and is readable")
+
+
 def _read_text(path: Path, errors: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _cannot_read(path, e) from None
     stats.sources.append({"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
     if not data.strip():
         stats.empty_files += 1
@@ -109,7 +117,11 @@ def _read_text(path: Path, errors: str, stats: SourceStats) -> Iterator[tuple[st
 
 def _read_jsonl(path: Path, text_field: str, errors: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
     h, offset, nonblank = hashlib.sha256(), 0, 0
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
             h.update(raw)
             where = f"{path}:{lineno}"
@@ -155,7 +167,14 @@ def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[t
         import pyarrow.parquet as pq
     except ImportError:
         raise ScratchError(f"{path}: reading .parquet needs pyarrow (pip install 'scratchllm[parquet]')") from None
-    pf = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    except pa.ArrowException as e:
+        raise ScratchError(f"{path}: not a valid Parquet file ({e}); rename it if it holds text") from None
     if text_field not in pf.schema_arrow.names:
         raise ScratchError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); choose "
                            "it with --text-field")
@@ -163,35 +182,123 @@ def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[t
     if pf.metadata.num_rows == 0:
         stats.empty_files += 1
     row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+    batches = pf.iter_batches(columns=[text_field], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as e:  # a damaged row group
+            raise ScratchError(f"{path}: cannot read the rows after row {row} ({e}); the file is damaged") from None
+        if batch is None:
+            break
         for value in batch.column(0).to_pylist():
             yield from _checked(value, f"{path}:row {row}", text_field, stats)
             row += 1
 
 
-def _read_hf(spec: str, text_field: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+def _hf_spec(spec: str) -> tuple[str, str, bool]:
+    """`NAME[:SPLIT]` of an hf: input -> (name, split, is a local folder). A name that exists on disk,
+    or is written as a path (/, ./, ../, ~), is a folder written by `save_to_disk`; else a hub name.
+
+    >>> _hf_spec("roneneldan/TinyStories:validation")
+    ('roneneldan/TinyStories', 'validation', False)
+    """
+    name, split = spec, "train"
+    if not Path(spec).exists() and ":" in spec:
+        name, split = spec.rsplit(":", 1)
+    local = Path(name).exists() or name.startswith(("/", "./", "../", "~"))
+    return (os.path.expanduser(name) if local else name), split, local
+
+
+def _datasets(spec: str):
     try:
         import datasets
     except ImportError:
         raise ScratchError(f"hf:{spec}: Hugging Face datasets need `pip install 'scratchllm[hf]'`") from None
-    name, split = spec, "train"
-    if not Path(spec).exists() and ":" in spec:
-        name, split = spec.rsplit(":", 1)
-    if Path(name).is_dir():
-        ds = datasets.load_from_disk(name)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ScratchError(f"hf:{spec}: no split {split!r} (splits: {sorted(ds)}); use hf:{name}:SPLIT")
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
+    return datasets
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub ($HF_ENDPOINT, or the https proxy that would be used) does not accept a
+    connection within `timeout` seconds, or None when it does. One try: huggingface_hub itself retries
+    a failing request for about 25 s before it gives up."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname or "", p.port or 80
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
+def _check_hf(spec: str) -> None:
+    """Before any work: an hf: input can be read (datasets installed; a local folder is a saved dataset
+    holding the split; a hub name with the Hub reachable, unless HF_HUB_OFFLINE/HF_DATASETS_OFFLINE say
+    to read the local Hugging Face cache)."""
+    datasets = _datasets(spec)
+    name, split, local = _hf_spec(spec)
+    if local:
+        folder = Path(name)
+        if not folder.is_dir():
+            raise ScratchError(f"hf:{spec}: folder {name} {'is a file' if folder.exists() else 'does not exist'}; "
+                               "hf:DIR needs a folder written by `Dataset.save_to_disk`")
+        if (folder / "dataset_dict.json").is_file():
+            from scratchllm.common import read_json
+
+            splits = read_json(folder / "dataset_dict.json").get("splits")
+            if isinstance(splits, list) and split not in splits:
+                raise ScratchError(f"hf:{spec}: no split {split!r} (splits: {sorted(splits)}); use hf:{name}:SPLIT")
+        elif not (folder / "state.json").is_file():
+            raise ScratchError(f"hf:{spec}: {name} is not a dataset saved with `save_to_disk` (it has neither "
+                               "state.json nor dataset_dict.json); for a folder of text files drop the hf: prefix")
+        return
+    if datasets.config.HF_HUB_OFFLINE:
+        return
+    why = _hub_unreachable()
+    if why is not None:
+        raise ScratchError(f"hf:{spec}: cannot reach the Hugging Face Hub ({why}). Offline, save the dataset "
+                           "where there is a network (`load_dataset(NAME).save_to_disk(DIR)`) and pass hf:DIR, or "
+                           "set HF_DATASETS_OFFLINE=1 to read it from the local Hugging Face cache")
+
+
+def _read_hf(spec: str, text_field: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+    datasets = _datasets(spec)
+    name, split, local = _hf_spec(spec)
+    try:
+        if local:
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ScratchError(f"hf:{spec}: no split {split!r} (splits: {sorted(ds)}); use hf:{name}:SPLIT")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, split=split, streaming=True)
+    except ScratchError:
+        raise
+    except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError (bad split), ...
+        raise ScratchError(f"hf:{spec}: cannot open the dataset ({type(e).__name__}: {e})") from None
     stats.sources.append({"path": f"hf:{spec}", "sha256": None, "bytes": None,
                           "fingerprint": getattr(ds, "_fingerprint", None)})
-    for i, row in enumerate(ds):
+    rows, i = iter(ds), 0
+    while True:
+        try:
+            row = next(rows, None)
+        except Exception as e:  # a dropped connection while streaming, a damaged arrow file
+            raise ScratchError(f"hf:{spec}: reading row {i} failed ({type(e).__name__}: {e})") from None
+        if row is None:
+            break
         if text_field not in row:
             raise ScratchError(f"hf:{spec}: row {i} has no field {text_field!r} (fields: {sorted(row)}); "
                                "choose it with --text-field")
         yield from _checked(row[text_field], f"hf:{spec}:row {i}", text_field, stats)
+        i += 1
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -211,6 +318,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         elif spec.startswith(("builtin:", "hf:")):
             if spec.startswith("builtin:") and spec != "builtin:pydocs":
                 raise ScratchError(f"unknown built-in corpus {spec!r}; the built-in corpus is builtin:pydocs")
+            if spec.startswith("hf:"):
+                _check_hf(spec[3:])
             out.append(spec)
         elif Path(spec).is_dir():
             folder = Path(spec)  # hidden names count only below it: "../data" or "~/.cache/x" are fine
@@ -221,14 +330,24 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             out.extend(files)
         elif Path(spec).is_file():
             out.append(spec)
-        elif glob.has_magic(spec):
+        elif glob.has_magic(spec) and not Path(spec).exists():
             files = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
             if not files:
                 raise ScratchError(f"the pattern {spec!r} matches no files")
             out.extend(files)
+        elif Path(spec).is_symlink() and not Path(spec).exists():
+            raise ScratchError(f"input {spec} is a broken symbolic link (what it points to does not exist)")
+        elif Path(spec).exists():  # /dev/zero would never end, a FIFO can be read only once
+            raise ScratchError(f"input {spec} is not a regular file (a device, FIFO or socket); prepare reads "
+                               "files, folders, globs, builtin:pydocs, data:NAME or hf:NAME: save the stream to "
+                               "a file first")
         else:
             raise ScratchError(f"input {spec} does not exist (expected a file, folder, glob, builtin:pydocs, "
                                "data:NAME or hf:NAME)")
+    unreadable = [p for p in out if not p.startswith(("builtin:", "hf:")) and not os.access(p, os.R_OK)]
+    if unreadable:
+        raise ScratchError(f"cannot read {unreadable[0]} (permission denied)"
+                           + (f" and {len(unreadable) - 1} more file(s)" if len(unreadable) > 1 else ""))
     return out
 
 
@@ -249,6 +368,14 @@ def _raw_documents(spec: str, text_field: str, errors: str, stats: SourceStats) 
         yield from _read_text(Path(spec), errors, stats)
 
 
+def check_options(errors: str = "strict", min_chars: int = 0) -> None:
+    """The cleaning options `iter_documents` takes, checked before any work (prepare calls this first)."""
+    if errors not in {"strict", "replace"}:
+        raise ScratchError(f"--errors must be 'strict' or 'replace', got {errors!r}")
+    if not isinstance(min_chars, int) or isinstance(min_chars, bool) or min_chars < 0:
+        raise ScratchError(f"--min-chars must be an integer >= 0, got {min_chars!r}")
+
+
 def iter_documents(inputs: list[str], text_field: str = "text", errors: str = "strict",
                    strip_gutenberg: bool = False, min_chars: int = 0, dedup: bool = False,
                    normalize_newlines: bool = True, stats: SourceStats | None = None,
@@ -261,10 +388,7 @@ def iter_documents(inputs: list[str], text_field: str = "text", errors: str = "s
     (path, sha256) and the counts of what was skipped. `expanded` is `expand_inputs(inputs)` when the
     caller already has it (prepare does), so data:NAME inputs are fetched and globs expanded only once.
     """
-    if errors not in {"strict", "replace"}:
-        raise ScratchError(f"errors must be 'strict' or 'replace', got {errors!r}")
-    if min_chars < 0:
-        raise ScratchError(f"min_chars must be >= 0, got {min_chars}")
+    check_options(errors, min_chars)
     stats = stats if stats is not None else SourceStats()
     seen: set[bytes] = set()
     for spec in expanded if expanded is not None else expand_inputs(inputs):

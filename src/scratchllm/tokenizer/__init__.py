@@ -27,6 +27,12 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         return Tokenizer.load(path)
     if path.is_file() and path.suffix == ".tiktoken":
         return from_tiktoken_file(path)
+    if path.name == "tokenizer.json" and path.is_file():
+        raise ScratchError(f"tokenizer {str(spec)!r} is the file inside a tokenizer folder: give the folder "
+                           f"{str(path.parent)!r} instead")
+    if path.exists():
+        raise ScratchError(f"tokenizer {str(spec)!r} is not a folder or a .tiktoken file: give a tokenizer folder "
+                           "(from `scratchllm tokenizer train`), a .tiktoken ranks file, or `gpt2`")
     raise ScratchError(f"tokenizer {str(spec)!r} not found: give a tokenizer folder (from `scratchllm tokenizer "
                        "train`), a .tiktoken ranks file, or `gpt2`")
 

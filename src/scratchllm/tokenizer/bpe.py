@@ -28,7 +28,7 @@ import regex
 
 from scratchllm.common import Progress, ScratchError
 from scratchllm.tokenizer.base import resolve_pattern
-from scratchllm.tokenizer.tokenizer import Tokenizer, check_special_tokens
+from scratchllm.tokenizer.tokenizer import MAX_ID, Tokenizer, check_special_tokens
 
 
 def split_on_specials(text: str, special_tokens: Iterable[str]) -> list[str]:
@@ -136,6 +136,24 @@ def learn_merges(chunk_counts: dict[bytes, int], num_merges: int, progress: bool
     return merges
 
 
+def merges_for_vocab(vocab_size, n_special: int, flag: str = "vocab_size") -> int:
+    """The number of merges a vocabulary of `vocab_size` ids needs (256 bytes + merges + specials), or a
+    ScratchError naming `flag` when it is too small, too large or not an integer. Cheap: callers check
+    before any work.
+
+    >>> merges_for_vocab(300, n_special=1)
+    43
+    """
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise ScratchError(f"{flag} must be an integer, got {vocab_size!r}")
+    if vocab_size > MAX_ID + 1:
+        raise ScratchError(f"{flag} {vocab_size} is too large: token ids must fit 32 bits (at most {MAX_ID + 1})")
+    if vocab_size <= 256 + n_special:
+        raise ScratchError(f"{flag} {vocab_size} is too small: it must exceed 256 bytes + {n_special} "
+                           f"special token(s) = {256 + n_special}")
+    return vocab_size - 256 - n_special
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = (), pattern: str = "gpt2",
               progress: bool = False, name: str = "scratchllm"):
     """Train a byte-level BPE tokenizer; returns a `Tokenizer`.
@@ -154,10 +172,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
         raise ScratchError("train_bpe takes a list of texts, not one string: train_bpe([text], ...)")
     specials = check_special_tokens(special_tokens)
     pattern_name, pattern_re = resolve_pattern(pattern)
-    num_merges = vocab_size - 256 - len(specials)
-    if num_merges <= 0:
-        raise ScratchError(f"vocab_size {vocab_size} is too small: it must exceed 256 bytes + {len(specials)} "
-                           f"special token(s) = {256 + len(specials)}")
+    num_merges = merges_for_vocab(vocab_size, len(specials))
     counts = count_chunks(texts, pattern_re, specials)
     if not counts:
         raise ScratchError("the corpus is empty: no text to train on")

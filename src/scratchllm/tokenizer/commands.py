@@ -13,19 +13,37 @@ import sys
 import time
 from pathlib import Path
 
-from scratchllm.common import ScratchError
+from scratchllm.common import ScratchError, check_can_create, clear_for_overwrite
 from scratchllm.tokenizer import load_tokenizer, train_bpe
-from scratchllm.tokenizer.tokenizer import Tokenizer
+from scratchllm.tokenizer.bpe import merges_for_vocab
+from scratchllm.tokenizer.tokenizer import FOLDER_MARKERS, Tokenizer, check_special_tokens
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".py", ".tsv", ".csv", ".json", ".jsonl", ".html"}
 
 
+def not_a_file(path: Path) -> str:
+    """Why an input path that is not a regular file cannot be read, as a phrase.
+
+    >>> not_a_file(Path("/dev/zero"))
+    'is not a regular file (a device, FIFO or socket), so it cannot be read as text'
+    """
+    if path.is_symlink() and not path.exists():
+        return "is a broken symbolic link (what it points to does not exist)"
+    if path.is_dir():
+        return "is a folder, not a file"
+    if path.exists():
+        return "is not a regular file (a device, FIFO or socket), so it cannot be read as text"
+    return "does not exist"
+
+
 def read_text_file(path: Path, errors: str = "strict") -> str:
     """Read UTF-8 text; invalid bytes raise a ScratchError naming the file and byte offset."""
+    if not path.is_file():  # /dev/zero would fill memory, a FIFO block forever
+        raise ScratchError(f"{path} {not_a_file(path)}")
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ScratchError(f"cannot read {path}: {e.strerror}") from None
+        raise ScratchError(f"cannot read {path}: {e.strerror or e}") from None
     try:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
@@ -46,14 +64,18 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         elif p.is_file():
             paths.append(p)
         else:
-            raise ScratchError(f"input {item!r} does not exist")
+            raise ScratchError(f"input {item!r} {not_a_file(p)}")
     return paths
 
 
 def train(args) -> int:
     out = Path(args.out)
+    merges_for_vocab(args.vocab_size, len(check_special_tokens(args.special)), "--vocab-size")
     if out.exists() and not args.overwrite:  # say so before training, not after
         raise ScratchError(f"{out} already exists: choose another --out or pass --overwrite")
+    if args.overwrite:  # only an empty folder or a tokenizer folder, checked again when saving
+        clear_for_overwrite(out, FOLDER_MARKERS, "tokenizer folder", delete=False)
+    check_can_create(out)
     paths = expand_inputs(args.input)
     texts = [read_text_file(p, args.errors) for p in paths]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)

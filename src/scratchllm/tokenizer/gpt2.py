@@ -52,6 +52,9 @@ def from_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenize
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     ranks, specials = {}, {}
     for token, idx in encoder.items():
+        if not isinstance(idx, int) or isinstance(idx, bool):
+            raise ScratchError(f"{encoder_json}: token {token!r} has id {idx!r}, not an integer (is this really a "
+                               "GPT-2 encoder.json?)")
         if token == EOT:
             specials[token] = idx
             continue
@@ -63,7 +66,10 @@ def from_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenize
     try:
         lines = vocab_bpe.read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise ScratchError(f"cannot read {vocab_bpe}: {e.strerror}") from None
+        raise ScratchError(f"cannot read {vocab_bpe}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ScratchError(f"{vocab_bpe}: not UTF-8 text (byte offset {e.start}); is this really a GPT-2 "
+                           "vocab.bpe?") from None
     merges = [ln for ln in lines if ln and not ln.startswith("#version")]
     for i, line in enumerate(merges):
         parts = line.split()
@@ -79,7 +85,10 @@ def from_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenize
                                f"(expected rank {256 + i}, found {ranks.get(merged)}); the files do not belong together")
     if len(ranks) != 256 + len(merges):
         raise ScratchError(f"{encoder_json} has {len(ranks)} tokens but {vocab_bpe} implies {256 + len(merges)}")
-    return Tokenizer(ranks, PATTERNS["gpt2"], specials, name="gpt2")
+    try:
+        return Tokenizer(ranks, PATTERNS["gpt2"], specials, name="gpt2")
+    except ScratchError as e:
+        raise ScratchError(f"{encoder_json}: {e}") from None
 
 
 def from_tiktoken_file(path: str | Path, pattern: str = "gpt2", special_tokens: dict[str, int] | None = None,
@@ -89,7 +98,7 @@ def from_tiktoken_file(path: str | Path, pattern: str = "gpt2", special_tokens: 
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ScratchError(f"cannot read ranks file {path}: {e.strerror}") from None
+        raise ScratchError(f"cannot read ranks file {path}: {e.strerror or e}") from None
     ranks = read_ranks_file(path, data)
     if path.name == "r50k_base.tiktoken":  # GPT-2's published file: a truncated copy is caught here
         if hashlib.sha256(data).hexdigest() != R50K_SHA256:
@@ -97,7 +106,10 @@ def from_tiktoken_file(path: str | Path, pattern: str = "gpt2", special_tokens: 
                                f"{R50K_SHA256} (truncated or edited?)")
     if special_tokens is None:
         special_tokens = {EOT: max(ranks.values()) + 1}
-    return Tokenizer(ranks, pattern, special_tokens, name=name or path.stem)
+    try:
+        return Tokenizer(ranks, pattern, special_tokens, name=name or path.stem)
+    except ScratchError as e:
+        raise ScratchError(f"{path}: {e}") from None
 
 
 def gpt2_tokenizer() -> Tokenizer:

@@ -22,17 +22,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import regex
 import tiktoken
 
-from scratchllm.common import ScratchError, atomic_dir, read_json
+from scratchllm.common import ScratchError, atomic_dir, clear_for_overwrite, read_json
 from scratchllm.tokenizer.base import PATTERNS, bpe_encode_reference
 
 FORMAT_VERSION = 1
 EOT = "<|endoftext|>"
+FOLDER_MARKERS = ("tokenizer.json", "ranks.tiktoken")  # what marks a folder as one of our tokenizers
+MAX_ID = 2**32 - 1  # the largest token id a shard (uint32) can hold
 # a split pattern must give back every character of this text (letters, digits, punctuation, spaces,
 # newlines, tabs, CJK, emoji, combining marks, a contraction)
 _PATTERN_PROBE = "Hello, world! It's 42.\n\n  \tdéjà vu 東京 🙂 e\u0301 x=y; \r\n end  "
@@ -61,6 +63,11 @@ def check_special_tokens(specials: Iterable[str]) -> list[str]:
     return specials
 
 
+def _is_id(v) -> bool:
+    """A token id: an int (not a bool) in [0, MAX_ID]."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ID
+
+
 def _printable(b: bytes) -> str:
     """Token bytes as a one-line, quoted string: b'a\\n' -> '"a\\\\n"'; invalid UTF-8 as \\xNN."""
     text = b.decode("utf-8", errors="backslashreplace")
@@ -72,6 +79,16 @@ class Tokenizer:
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str,
                  special_tokens: dict[str, int] | None = None, name: str = "scratchllm"):
+        if not isinstance(mergeable_ranks, Mapping):
+            raise ScratchError(f"ranks must be a {{token bytes: rank}} mapping, got a {type(mergeable_ranks).__name__}")
+        if special_tokens is not None and not isinstance(special_tokens, Mapping):
+            raise ScratchError(f"special tokens must be a {{token: id}} mapping such as {{{EOT!r}: 50256}}, got a "
+                               f"{type(special_tokens).__name__}: {special_tokens!r:.80}")
+        if not isinstance(pattern, str):
+            raise ScratchError(f"the split pattern must be a string (a name: {', '.join(PATTERNS)}, or a regex), "
+                               f"got a {type(pattern).__name__}")
+        if not isinstance(name, str):
+            raise ScratchError(f"the tokenizer name must be a string, got a {type(name).__name__} {name!r}")
         self.mergeable_ranks = dict(mergeable_ranks)
         self.special_tokens = dict(special_tokens or {})
         self.pattern = PATTERNS.get(pattern, pattern)  # a pattern name or the regex itself
@@ -81,6 +98,9 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ construction
     def _check(self) -> None:
+        bad = [(t, r) for t, r in self.mergeable_ranks.items() if not isinstance(t, bytes) or not _is_id(r)]
+        if bad:
+            raise ScratchError(f"ranks must map token bytes to ids in [0, {MAX_ID}], got {bad[0][0]!r}: {bad[0][1]!r}")
         missing = [i for i in range(256) if bytes([i]) not in self.mergeable_ranks]
         if missing:
             raise ScratchError(f"ranks lack {len(missing)} of the 256 single bytes (e.g. byte {missing[0]}); "
@@ -92,10 +112,16 @@ class Tokenizer:
         bad = {k: v for k, v in self.special_tokens.items() if not isinstance(v, int) or isinstance(v, bool)}
         if bad:
             raise ScratchError(f"special token ids must be integers, got {bad}")
-        # every id below the largest rank is a token or a special token (p50k_base keeps 50256 for one)
-        holes = sorted(set(range(max(ids) + 1)) - set(ids) - set(self.special_tokens.values()))
-        if holes:
-            raise ScratchError(f"rank {holes[0]} is missing ({len(holes)} id(s) below the largest rank are neither "
+        bad = {k: v for k, v in self.special_tokens.items() if not _is_id(v)}
+        if bad:
+            raise ScratchError(f"special token ids must be in [0, {MAX_ID}], got {bad}")
+        # every id below the largest rank is a token or a special token (p50k_base keeps 50256 for one);
+        # counted, not listed, so that an edited rank of 10**12 fails at once instead of filling memory
+        known, top = set(ids) | set(self.special_tokens.values()), max(ids)
+        n_holes = top + 1 - sum(1 for i in known if i <= top)
+        if n_holes:
+            first = next(i for i in range(top + 1) if i not in known)
+            raise ScratchError(f"rank {first} is missing ({n_holes} id(s) below the largest rank are neither "
                                "a token nor a special token): a damaged or edited ranks table")
         clash = set(self.special_tokens.values()) & set(ids)
         if clash:
@@ -247,7 +273,10 @@ class Tokenizer:
         return "\n".join(lines) + "\n"
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write ranks.tiktoken, tokenizer.json and vocab.txt into `directory`, atomically."""
+        """Write ranks.tiktoken, tokenizer.json and vocab.txt into `directory`, atomically. overwrite=True
+        replaces only an empty folder or a tokenizer folder (`common.clear_for_overwrite`)."""
+        if overwrite:
+            clear_for_overwrite(directory, FOLDER_MARKERS, "tokenizer folder", delete=False)
         ranks_text = self._ranks_text()
         meta = {
             "format_version": FORMAT_VERSION,
@@ -268,30 +297,55 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        """Load a folder written by `save`; checks the format version and the ranks' checksum."""
+        """Load a folder written by `save`; checks the format version, every field of tokenizer.json, the
+        ranks' checksum and that `vocab_size` agrees with the ranks and special tokens. Every error names
+        the file it is about."""
         directory = Path(directory)
         meta_path = directory / "tokenizer.json"
         if not meta_path.is_file():
             raise ScratchError(f"{directory} is not a tokenizer folder: {meta_path.name} is missing")
         meta = read_json(meta_path)
         version = meta.get("format_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise ScratchError(f"{meta_path}: field 'format_version' is missing or not an integer")
         if version > FORMAT_VERSION:
             raise ScratchError(f"{meta_path}: format version {version} was written by a newer scratchllm "
                                f"(this one reads up to {FORMAT_VERSION}); upgrade scratchllm to load it")
-        for field in ("pattern", "special_tokens", "ranks_sha256"):
+        for field in ("pattern", "special_tokens", "ranks_sha256", "vocab_size"):
             if field not in meta:
                 raise ScratchError(f"{meta_path}: required field {field!r} is missing")
+        fix = "re-save or re-train the tokenizer"
+        for field, kind, ok in [("pattern", "a string", isinstance(meta["pattern"], str)),
+                                ("ranks_sha256", "a string", isinstance(meta["ranks_sha256"], str)),
+                                ("name", "a string", isinstance(meta.get("name", ""), str)),
+                                ("special_tokens", 'a table {"<|endoftext|>": ID, ...}',
+                                 isinstance(meta["special_tokens"], dict)),
+                                ("vocab_size", "an integer", _is_id(meta["vocab_size"])),
+                                ("num_ranks", "an integer", _is_id(meta.get("num_ranks", 0)))]:
+            if not ok:
+                raise ScratchError(f"{meta_path}: field {field!r} must be {kind}, got {meta[field]!r:.80}; {fix}")
         ranks_path = directory / "ranks.tiktoken"
         if not ranks_path.is_file():
-            raise ScratchError(f"{ranks_path} is missing")
-        data = ranks_path.read_bytes()
+            raise ScratchError(f"{ranks_path} is missing; {fix}")
+        try:
+            data = ranks_path.read_bytes()
+        except OSError as e:
+            raise ScratchError(f"cannot read {ranks_path}: {e.strerror or e}") from None
         if hashlib.sha256(data).hexdigest() != meta["ranks_sha256"]:
             raise ScratchError(f"{ranks_path} is corrupted or truncated: its sha256 does not match "
-                               f"{meta_path.name} (re-save or re-train the tokenizer)")
+                               f"{meta_path.name} ({fix})")
         ranks = read_ranks_file(ranks_path, data)
-        return cls(ranks, meta["pattern"], meta["special_tokens"], name=meta.get("name", directory.name))
+        if meta.get("num_ranks", len(ranks)) != len(ranks):
+            raise ScratchError(f"{meta_path}: 'num_ranks' is {meta['num_ranks']} but {ranks_path.name} holds "
+                               f"{len(ranks)} ranks; {fix}")
+        try:
+            tok = cls(ranks, meta["pattern"], meta["special_tokens"], name=meta.get("name", directory.name))
+        except ScratchError as e:  # ranks and specials are checked together: name both files
+            raise ScratchError(f"{meta_path} + {ranks_path.name}: {e}; {fix}") from None
+        if meta["vocab_size"] != tok.vocab_size:
+            raise ScratchError(f"{meta_path}: 'vocab_size' is {meta['vocab_size']} but the ranks and special tokens "
+                               f"give {tok.vocab_size} ids (largest id + 1); the file was edited or damaged: {fix}")
+        return tok
 
 
 def read_ranks_file(path: str | Path, data: bytes | None = None) -> dict[bytes, int]:
@@ -301,7 +355,7 @@ def read_ranks_file(path: str | Path, data: bytes | None = None) -> dict[bytes, 
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise ScratchError(f"cannot read ranks file {path}: {e.strerror}") from None
+            raise ScratchError(f"cannot read ranks file {path}: {e.strerror or e}") from None
     ranks: dict[bytes, int] = {}
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
@@ -315,6 +369,8 @@ def read_ranks_file(path: str | Path, data: bytes | None = None) -> dict[bytes, 
             raise ScratchError(f"{path}:{lineno}: not a `base64 rank` line ({e}): {line[:60]!r}") from None
         if token in ranks:
             raise ScratchError(f"{path}:{lineno}: token {token!r} appears twice")
+        if not _is_id(rank):
+            raise ScratchError(f"{path}:{lineno}: rank {rank} is not in [0, {MAX_ID}]")
         ranks[token] = rank
     if not ranks:
         raise ScratchError(f"{path} holds no ranks (empty file?)")
