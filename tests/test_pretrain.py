@@ -225,3 +225,8 @@ def test_model_shape_flags_reach_the_new_model(inputs, tmp_path):
                  "--dropout", "0.2")
     with pytest.raises(ScratchError, match="dropout must be in"):
         pretrain(*base_args(inputs, tmp_path / "c", steps=1), "--dropout", "1.5")
+
+
+def test_torch_init_with_a_tied_head_is_warned_about(inputs, tmp_path):
+    with pytest.warns(UserWarning, match="--init torch with tied embeddings.*--no-tie-embeddings"):
+        assert pretrain(*base_args(inputs, tmp_path / "run", steps=1), "--init", "torch", "--eval-every", "0") == 0

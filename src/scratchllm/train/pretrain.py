@@ -20,6 +20,7 @@ What it does not do: the loop itself (core.py) or the loss (objectives.py).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -72,7 +73,12 @@ def preset_model(cfg: PretrainConfig, vocab_size: int):
     overrides.setdefault("vocab_size", -(-vocab_size // 64) * 64)
     if cfg.block_size:
         overrides.setdefault("block_size", cfg.block_size)
-    return GPT(ModelConfig.from_preset(cfg.model_preset, **overrides))
+    config = ModelConfig.from_preset(cfg.model_preset, **overrides)
+    if config.init == "torch" and config.tie_embeddings:
+        warnings.warn("--init torch with tied embeddings makes the N(0, 1) token embedding the output head too: "
+                      "the first logits are huge (loss ~475 for GPT-2 124M); add --no-tie-embeddings, as the book does",
+                      stacklevel=2)
+    return GPT(config)
 
 
 def make_sampler(model_cfg, tokenizer, prompt: str, n_tokens: int, seed: int):
