@@ -18,6 +18,15 @@ from scratchllm import __version__
 from scratchllm.common import ScratchError
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1 (a 0 in a TOML file may mean "the default"; on the
+    command line it is a mistake)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
 # --------------------------------------------------------------------------------------------- tokenizer
 def _tok_train(args):
     from scratchllm.tokenizer.commands import train
@@ -191,10 +200,11 @@ def add_pretrain(sub) -> None:
     g.add_argument("--tokenizer", help="tokenizer folder or `gpt2` (default: the --model folder's or the shards')")
     g.add_argument("--model-preset", help="train from scratch: tiny, small, gpt2, ...")
     g.add_argument("--model", help="or continue from a checkpoint, run or Hugging Face GPT-2 folder")
-    g.add_argument("--block-size", type=int, help="context length (default: the model's)")
+    g.add_argument("--block-size", type=positive_int, help="context length (default: the model's)")
     g.add_argument("--sampler", choices=["random", "sliding"],
                    help="random windows (default) or the book's fixed windows, reshuffled every epoch")
-    g.add_argument("--stride", type=int, help="with --sampler sliding: tokens between window starts (default: block size)")
+    g.add_argument("--stride", type=positive_int,
+                   help="with --sampler sliding: tokens between window starts (default: block size)")
     g.add_argument("--eval-train", action=argparse.BooleanOptionalAction, default=None,
                    help="at each evaluation also measure the loss on training windows (eval mode, as the book)")
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
