@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchllm.common import ScratchError, atomic_dir, atomic_write_text, sha256_file
+from scratchllm.common import ScratchError, atomic_dir, atomic_write_text
 from scratchllm.weights.state import (
+    folder_digests,
     listed_files,
     load_state_dict_checked,
     read_latest,
@@ -49,14 +50,9 @@ def step_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _digest(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
-
-
 def write_meta(folder: Path, meta: dict) -> None:
     """folder/meta.json: `meta` plus the size and sha256 of every file already in the folder."""
-    files = {str(p.relative_to(folder)): _digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-    atomic_write_text(folder / META_FILE, json.dumps({**meta, "files": files}, indent=2) + "\n")
+    atomic_write_text(folder / META_FILE, json.dumps({**meta, "files": folder_digests(folder)}, indent=2) + "\n")
 
 
 def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path], None], train_state: dict,
