@@ -181,6 +181,8 @@ def test_overwrite_replaces_only_a_run_folder(inputs, tmp_path):
     (mine / "precious.doc").write_text("x")
     with pytest.raises(ScratchError, match=r"not a run folder of ours \(it holds precious.doc\).*refused"):
         pretrain(*base_args(inputs, mine, steps=1), "--overwrite")
+    with pytest.raises(ScratchError, match=r"holds no run to resume \(it holds precious.doc\)"):
+        pretrain(*base_args(inputs, mine, steps=1), "--resume")
     assert (mine / "precious.doc").read_text() == "x"
     (tmp_path / "empty").mkdir()
     assert pretrain(*base_args(inputs, tmp_path / "empty", steps=1), "--eval-every", "0") == 0
@@ -203,14 +205,6 @@ def test_a_closed_stdout_neither_stops_nor_fails_the_run(inputs, tmp_path):
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
     assert (run / "latest").read_text().strip() == "step_0000006"
     assert [r["step"] for r in records(run)] == list(range(1, 7))
-
-
-def test_resume_into_a_folder_without_a_run(inputs, tmp_path):
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "notes.txt").write_text("x")
-    with pytest.raises(ScratchError, match=r"holds no run to resume \(it holds notes.txt\)"):
-        pretrain(*base_args(inputs, other, steps=1), "--resume")
 
 
 def test_model_shape_flags_reach_the_new_model(inputs, tmp_path):
