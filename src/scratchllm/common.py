@@ -247,6 +247,18 @@ def check_can_create(path: str | os.PathLike) -> None:
         raise ScratchError(f"cannot create {path}: {parent} is not writable (permission denied); choose another path")
 
 
+def holds_marker(entries, markers) -> bool:
+    """True when one of the entry names matches one of the glob `markers` (what marks a folder as ours)."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, m) for name in entries for m in markers)
+
+
+def some_entries(entries: list[str], limit: int = 5) -> str:
+    """'a, b, c and 4 more': the first few names of a folder, for a message."""
+    return ", ".join(entries[:limit]) + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
 def clear_for_overwrite(path: str | os.PathLike, markers, what: str, *, by: str = "--overwrite",
                         delete: bool = True) -> bool:
     """The one `--overwrite` rule: an existing `path` may be replaced only when it is an empty folder or
@@ -260,8 +272,6 @@ def clear_for_overwrite(path: str | os.PathLike, markers, what: str, *, by: str 
         clear_for_overwrite("shards", ["index.json"], "shard folder")   # shards/index.json: deleted
         clear_for_overwrite("docs", ["index.json"], "shard folder")     # ScratchError: it holds a.md, ...
     """
-    import fnmatch
-
     path = Path(path)
     if path.is_symlink():
         raise ScratchError(f"{path} is a symbolic link; {by} replaces only a real folder, so it is refused: "
@@ -279,10 +289,9 @@ def clear_for_overwrite(path: str | os.PathLike, markers, what: str, *, by: str 
         entries = sorted(p.name for p in path.iterdir())
     except OSError as e:
         raise ScratchError(f"cannot list {path}: {e.strerror or e}") from None
-    if entries and not any(fnmatch.fnmatchcase(name, m) for name in entries for m in markers):
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise ScratchError(f"{path} is not a {what} of ours (it holds {shown}); {by} would delete those files, "
-                           "so it is refused: choose another path or empty the folder yourself")
+    if entries and not holds_marker(entries, markers):
+        raise ScratchError(f"{path} is not a {what} of ours (it holds {some_entries(entries)}); {by} would delete "
+                           "those files, so it is refused: choose another path or empty the folder yourself")
     if delete:
         try:
             shutil.rmtree(path)

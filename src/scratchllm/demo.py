@@ -101,7 +101,7 @@ def check_args(args):
     from scratchllm.data.shards import FOLDER_MARKERS as SHARD_MARKERS
     from scratchllm.tokenizer.bpe import merges_for_vocab
     from scratchllm.tokenizer.tokenizer import FOLDER_MARKERS as TOKENIZER_MARKERS
-    from scratchllm.train.stage import RUN_FILES
+    from scratchllm.train.stage import RUN_MARKERS
 
     merges_for_vocab(args.vocab_size, 1, "--vocab-size")  # the demo's tokenizer has one special token
     if isinstance(args.max_steps, bool) or not isinstance(args.max_steps, int) or args.max_steps < 1:
@@ -110,7 +110,7 @@ def check_args(args):
     if out.exists() and not out.is_dir():
         raise ScratchError(f"--out {out} is a file, not a folder")
     parts = [("tokenizer", TOKENIZER_MARKERS, "tokenizer folder"), ("shards", SHARD_MARKERS, "shard folder"),
-             ("run", (*RUN_FILES, "step_" + "[0-9]" * 7), "run folder")]  # the markers stage.check_out_dir uses
+             ("run", RUN_MARKERS, "run folder")]  # the markers stage.check_out_dir uses
     for name, markers, what in parts:
         clear_for_overwrite(out / name, markers, what, by="rerunning the demo into this --out", delete=False)
     cfg = demo_config(out, args.max_steps)

@@ -28,7 +28,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from scratchllm.common import ScratchError, atomic_write_text, clear_for_overwrite, print0, seed_everything
+from scratchllm.common import (
+    ScratchError,
+    atomic_write_text,
+    clear_for_overwrite,
+    holds_marker,
+    print0,
+    seed_everything,
+    some_entries,
+)
 from scratchllm.configs import TrainConfig, diff, resolve, to_dict, to_toml
 from scratchllm.train import checkpointing as ckpt
 from scratchllm.train.core import init_distributed
@@ -39,7 +47,8 @@ TRAIN_RESUME_FREE = {f"train.{k}" for k in (
     "max_steps", "epochs", "eval_every", "eval_batches", "sample_every", "sample_prompt", "sample_tokens",
     "checkpoint_every", "keep_last", "log_every", "max_bad_steps", "compile", "device", "patience")}
 RESUME_FREE = {"out"} | TRAIN_RESUME_FREE
-RUN_FILES = ("config.toml", "metrics.jsonl", LATEST)  # what marks a folder as one of our runs
+# what marks a folder as one of our runs (glob patterns of entry names): its files or a checkpoint folder
+RUN_MARKERS = ("config.toml", "metrics.jsonl", LATEST, "step_" + "[0-9]" * 7)
 
 
 def train_overrides(args) -> dict:
@@ -112,13 +121,13 @@ def check_out_dir(out: Path, resume, overwrite: bool) -> None:
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
         return
-    is_run = any((out / f).exists() for f in RUN_FILES) or bool(ckpt.list_checkpoints(out))
+    is_run = holds_marker(entries, RUN_MARKERS)
     if resume and is_run:
         return
-    if overwrite:  # a step_XXXXXXX checkpoint folder marks a run too
-        clear_for_overwrite(out, (*RUN_FILES, "step_" + "[0-9]" * 7), "run folder")
+    if overwrite:
+        clear_for_overwrite(out, RUN_MARKERS, "run folder")
         return
-    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    shown = some_entries(entries)
     if resume:
         raise ScratchError(f"--out {out} holds no run to resume (it holds {shown}): choose another --out")
     raise ScratchError(f"--out {out} holds another run (config.toml): pass --resume to continue that run or "
