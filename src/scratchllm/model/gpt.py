@@ -64,7 +64,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         # one fused projection for queries, keys and values: (n_head + 2 * n_kv_head) * head_dim outputs
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)

@@ -32,7 +32,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     qkv_out = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
     fc_out = 2 * cfg.hidden_dim if cfg.mlp == "swiglu" else cfg.hidden_dim
     b = 1 if cfg.bias else 0
-    attn = d * qkv_out + b * qkv_out + d * d + b * d
+    attn = d * qkv_out + (1 if cfg.bias or cfg.qkv_bias else 0) * qkv_out + d * d + b * d
     mlp = d * fc_out + b * fc_out + cfg.hidden_dim * d + b * d
     per_layer = attn + mlp + 2 * norm
     wte = cfg.vocab_size * d
