@@ -12,8 +12,8 @@ from scratchllm.model.info import activation_bytes, estimate, param_counts
 
 LLAMA = dict(norm="rmsnorm", positions="rope", mlp="swiglu", n_kv_head=2, bias=False)
 VARIANTS = [{}, {"tie_embeddings": False}, {"bias": False}, LLAMA, {**LLAMA, "attention": "naive"},
-            {"attention": "naive"}]
-IDS = ["gpt2", "untied", "nobias", "llama", "llama-naive", "naive"]
+            {"attention": "naive"}, {**LLAMA, "qkv_bias": True}]
+IDS = ["gpt2", "untied", "nobias", "llama", "llama-naive", "naive", "qwen2"]
 
 
 @pytest.mark.parametrize("switches", VARIANTS, ids=IDS)
