@@ -379,3 +379,27 @@ def test_tokenizer_cli_checks_before_training(tmp_path, capsys):
         assert main(["tokenizer", *cmd]) == 2
         err = capsys.readouterr().err
         assert "/dev/zero" in err and "is not a regular file (a device, FIFO or socket)" in err
+
+
+def test_absent_bytes_are_dropped_and_saved(trained, tmp_path):
+    """A vocabulary without a token for some bytes (SmolLM2 lacks 21): encoding drops those bytes (as HF
+    tokenizers and llama.cpp do), no id reaches vocab_size, and the folder round-trips."""
+    ranks = {t: r for t, r in trained.mergeable_ranks.items() if t not in (b"\x04", b"\xff")}
+    with pytest.raises(ScratchError, match="lack 2 of the 256 single bytes"):
+        Tokenizer(ranks, trained.pattern, {})
+    gone = (trained.mergeable_ranks[b"\x04"], trained.mergeable_ranks[b"\xff"])
+    ranks = {t: r - sum(g < r for g in gone) for t, r in ranks.items()}  # dense again, same order
+    tok = Tokenizer(ranks, trained.pattern, {"<|endoftext|>": len(ranks)}, absent_bytes=[4, 255])
+    assert tok.vocab_size == len(ranks) + 1 and not tok.absent_bytes == []
+    text = "hello\x04 world<|endoftext|>"
+    ids = tok.encode(text, allowed_special="all")
+    assert max(ids) < tok.vocab_size and tok.decode(ids) == "hello world<|endoftext|>"
+    assert tok.encode_reference(text, allowed_special="all") == ids
+    assert tok.encode_batch([text], allowed_special="all") == [ids] and tok.encode_ordinary("\x04") == []
+    assert tok.fingerprint() != Tokenizer(ranks | {b"\x04": len(ranks) + 1, b"\xff": len(ranks) + 2}, trained.pattern,
+                                          {"<|endoftext|>": len(ranks)}).fingerprint()
+    back = Tokenizer.load(tok.save(tmp_path / "tok"))
+    assert back == tok and back.absent_bytes == [4, 255] and back.encode(text, allowed_special="all") == ids
+    assert "absent bytes" in (tmp_path / "tok" / "vocab.txt").read_text()
+    with pytest.raises(ScratchError, match="absent bytes must be"):
+        Tokenizer(trained.mergeable_ranks, trained.pattern, {}, absent_bytes=[4])  # 0x04 has a token

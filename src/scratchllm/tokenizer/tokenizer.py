@@ -6,9 +6,15 @@ same ids. Special tokens follow tiktoken's rules: a special token found in plain
 is allowed (`allowed_special={"<|endoftext|>"}` or `"all"`), or it is encoded as plain text when it is
 not disallowed (`disallowed_special=()`).
 
+Absent bytes: a vocabulary converted from another tool may lack some single-byte tokens (SmolLM2 has
+no token for 21 bytes, such as 0x04 and 0xF5..0xFF). tiktoken needs every byte, so such a Tokenizer is
+built with `absent_bytes=[...]`: those bytes get internal ids after the vocabulary, and encoding drops
+them, as Hugging Face tokenizers and llama.cpp do. They never show up in ids, `vocab_size` or the ranks.
+
 A tokenizer folder (see `save`/`load`) holds:
   ranks.tiktoken   one `base64(token bytes) rank` per line, tiktoken's format
   tokenizer.json   format version, name, split pattern, special tokens, vocab size, sha256 of the ranks
+                   (and the absent bytes, if any)
   vocab.txt        human-readable dump: id, token text, and the two parts it was merged from
 
     >>> tok = Tokenizer.load("tok/")              # or load_tokenizer("gpt2")
@@ -78,7 +84,8 @@ class Tokenizer:
     """Byte-level BPE tokenizer. Build one with `train_bpe`, `Tokenizer.load`, or the GPT-2 loaders."""
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str,
-                 special_tokens: dict[str, int] | None = None, name: str = "scratchllm"):
+                 special_tokens: dict[str, int] | None = None, name: str = "scratchllm",
+                 absent_bytes: Iterable[int] = ()):
         if not isinstance(mergeable_ranks, Mapping):
             raise ScratchError(f"ranks must be a {{token bytes: rank}} mapping, got a {type(mergeable_ranks).__name__}")
         if special_tokens is not None and not isinstance(special_tokens, Mapping):
@@ -91,6 +98,7 @@ class Tokenizer:
             raise ScratchError(f"the tokenizer name must be a string, got a {type(name).__name__} {name!r}")
         self.mergeable_ranks = dict(mergeable_ranks)
         self.special_tokens = dict(special_tokens or {})
+        self.absent_bytes = sorted(set(absent_bytes))  # single bytes with no token: dropped by encode
         self.pattern = PATTERNS.get(pattern, pattern)  # a pattern name or the regex itself
         self.name = name
         self._check()
@@ -101,7 +109,10 @@ class Tokenizer:
         bad = [(t, r) for t, r in self.mergeable_ranks.items() if not isinstance(t, bytes) or not _is_id(r)]
         if bad:
             raise ScratchError(f"ranks must map token bytes to ids in [0, {MAX_ID}], got {bad[0][0]!r}: {bad[0][1]!r}")
-        missing = [i for i in range(256) if bytes([i]) not in self.mergeable_ranks]
+        bad = [b for b in self.absent_bytes if not _is_id(b) or b > 255 or bytes([b]) in self.mergeable_ranks]
+        if bad:
+            raise ScratchError(f"absent bytes must be byte values 0..255 that have no token, got {bad[:5]}")
+        missing = [i for i in range(256) if bytes([i]) not in self.mergeable_ranks and i not in self.absent_bytes]
         if missing:
             raise ScratchError(f"ranks lack {len(missing)} of the 256 single bytes (e.g. byte {missing[0]}); "
                                "a byte-level tokenizer needs all of them")
@@ -137,8 +148,12 @@ class Tokenizer:
                                f"neither a pattern name, {', '.join(PATTERNS)}, nor a complete split regex)")
 
     def _build(self) -> None:
+        # tiktoken needs a rank for every byte: absent bytes get internal ids >= vocab_size, which
+        # encode drops (self._limit); no other id is >= vocab_size
+        self._limit = self.vocab_size
+        self._ranks = self.mergeable_ranks | {bytes([b]): self._limit + i for i, b in enumerate(self.absent_bytes)}
         self._enc = tiktoken.Encoding(name=self.name, pat_str=self.pattern,
-                                      mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens)
+                                      mergeable_ranks=self._ranks, special_tokens=self.special_tokens)
         self._compiled = regex.compile(self.pattern)
         self._id_to_bytes = None  # built lazily by encode_reference / merges
         self._fingerprint = None
@@ -174,12 +189,15 @@ class Tokenizer:
             h.update(self._ranks_text().encode())
             h.update(self.pattern.encode())
             h.update(json.dumps(sorted(self.special_tokens.items())).encode())
+            if self.absent_bytes:  # (so fingerprints of tokenizers without any stay what they were)
+                h.update(json.dumps(self.absent_bytes).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Tokenizer) and self.mergeable_ranks == other.mergeable_ranks
-                and self.pattern == other.pattern and self.special_tokens == other.special_tokens)
+                and self.pattern == other.pattern and self.special_tokens == other.special_tokens
+                and self.absent_bytes == other.absent_bytes)
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, specials={list(self.special_tokens)})"
@@ -188,18 +206,26 @@ class Tokenizer:
     def encode(self, text: str, allowed_special: Collection[str] | str = frozenset(),
                disallowed_special: Collection[str] | str = "all") -> list[int]:
         """Text -> ids (tiktoken core). A special token in `text` raises ValueError unless allowed."""
-        return self._enc.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+        return self._drop_absent(self._enc.encode(text, allowed_special=allowed_special,
+                                                  disallowed_special=disallowed_special))
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Text -> ids, treating special-token text as plain text."""
-        return self._enc.encode_ordinary(text)
+        return self._drop_absent(self._enc.encode_ordinary(text))
+
+    def _drop_absent(self, ids: list[int]) -> list[int]:
+        """ids without the internal ids of absent bytes (only a tokenizer with absent bytes has any)."""
+        if not self.absent_bytes:
+            return ids
+        return [i for i in ids if i < self._limit]
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8,
                      allowed_special: Collection[str] | str = frozenset(),
                      disallowed_special: Collection[str] | str = "all") -> list[list[int]]:
         """Encode many texts on `num_threads` threads (the Rust core releases the GIL)."""
-        return self._enc.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed_special,
-                                      disallowed_special=disallowed_special)
+        out = self._enc.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed_special,
+                                     disallowed_special=disallowed_special)
+        return [self._drop_absent(ids) for ids in out] if self.absent_bytes else out
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Ids -> the raw bytes they stand for (may end inside a UTF-8 character)."""
@@ -240,9 +266,8 @@ class Tokenizer:
                 ids.append(self.special_tokens[piece])
                 continue
             for chunk in self._compiled.findall(piece):
-                ids.extend(self.mergeable_ranks[p] for p in bpe_encode_reference(chunk.encode("utf-8"),
-                                                                                 self.mergeable_ranks))
-        return ids
+                ids.extend(self._ranks[p] for p in bpe_encode_reference(chunk.encode("utf-8"), self._ranks))
+        return self._drop_absent(ids)
 
     def merges(self) -> list[tuple[bytes, bytes]]:
         """The merge list implied by the ranks, in rank order: each multi-byte token as (left, right).
@@ -270,6 +295,9 @@ class Tokenizer:
             src = f"\t{_printable(parts[rank][0])} + {_printable(parts[rank][1])}" if rank in parts else ""
             lines.append(f"{rank}\t{_printable(token)}{src}")
         lines += [f"{i}\t{s}\t(special)" for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])]
+        if self.absent_bytes:
+            lines.append("# absent bytes (no token; encode drops them): " +
+                         " ".join(f"0x{b:02X}" for b in self.absent_bytes))
         return "\n".join(lines) + "\n"
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
@@ -289,6 +317,8 @@ class Tokenizer:
             "ranks_sha256": hashlib.sha256(ranks_text.encode()).hexdigest(),
             "fingerprint": self.fingerprint(),
         }
+        if self.absent_bytes:
+            meta["absent_bytes"] = self.absent_bytes
         with atomic_dir(directory, overwrite=overwrite) as tmp:
             (tmp / "ranks.tiktoken").write_text(ranks_text)
             (tmp / "tokenizer.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
@@ -321,7 +351,9 @@ class Tokenizer:
                                 ("special_tokens", 'a table {"<|endoftext|>": ID, ...}',
                                  isinstance(meta["special_tokens"], dict)),
                                 ("vocab_size", "an integer", _is_id(meta["vocab_size"])),
-                                ("num_ranks", "an integer", _is_id(meta.get("num_ranks", 0)))]:
+                                ("num_ranks", "an integer", _is_id(meta.get("num_ranks", 0))),
+                                ("absent_bytes", "a list of byte values",
+                                 isinstance(meta.get("absent_bytes", []), list))]:
             if not ok:
                 raise ScratchError(f"{meta_path}: field {field!r} must be {kind}, got {meta[field]!r:.80}; {fix}")
         ranks_path = directory / "ranks.tiktoken"
@@ -339,7 +371,8 @@ class Tokenizer:
             raise ScratchError(f"{meta_path}: 'num_ranks' is {meta['num_ranks']} but {ranks_path.name} holds "
                                f"{len(ranks)} ranks; {fix}")
         try:
-            tok = cls(ranks, meta["pattern"], meta["special_tokens"], name=meta.get("name", directory.name))
+            tok = cls(ranks, meta["pattern"], meta["special_tokens"], name=meta.get("name", directory.name),
+                      absent_bytes=meta.get("absent_bytes", []))
         except ScratchError as e:  # ranks and specials are checked together: name both files
             raise ScratchError(f"{meta_path} + {ranks_path.name}: {e}; {fix}") from None
         if meta["vocab_size"] != tok.vocab_size:
