@@ -157,9 +157,9 @@ def test_gpt2_tokenizer_export_matches_tiktoken_in_autotokenizer(tmp_path, gpt2_
 
 
 def test_errors(tmp_path, small_tokenizer):
-    llama = GPT(ModelConfig.from_preset("tiny", norm="rmsnorm", positions="rope", mlp="swiglu"))
-    with pytest.raises(ScratchError, match="cannot be exported to GPT-2 format"):
-        export_hf(llama, small_tokenizer, tmp_path / "x")
+    mixed = GPT(ModelConfig.from_preset("tiny", positions="rope"))  # layernorm + rope: neither GPT-2 nor Llama
+    with pytest.raises(ScratchError, match="cannot be exported to Hugging Face format"):
+        export_hf(mixed, small_tokenizer, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     too_small = GPT(ModelConfig(block_size=8, vocab_size=300, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(ScratchError, match="tokenizer has 330 ids but the model only 300"):
@@ -208,7 +208,7 @@ def test_export_cli(tmp_path, small_tokenizer, capsys):
     llama = ModelConfig.from_preset("tiny", positions="rope", vocab_size=small_tokenizer.vocab_size)
     save_model(GPT(llama), small_tokenizer, tmp_path / "llama")
     assert main(["export", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "hf2")]) == 2
-    assert "this model cannot be exported to GPT-2 format" in capsys.readouterr().err
+    assert "this model cannot be exported to Hugging Face format" in capsys.readouterr().err
     assert not (tmp_path / "hf2").exists()
     save_model(ours, None, tmp_path / "bare")
     assert main(["export", "--model", str(tmp_path / "bare"), "--out", str(tmp_path / "hf3")]) == 2

@@ -1,19 +1,25 @@
-"""Hugging Face GPT-2 format in and out: config, weights (safetensors) and tokenizer files.
+"""Hugging Face folders in and out: config, weights (safetensors) and tokenizer files.
 
 What it does:
-- `load_hf_gpt2(path)` reads a GPT-2 folder as published on the hub (`config.json` +
-  `model.safetensors`, e.g. openai-community/gpt2) into our GPT: keys lose their `transformer.`
-  prefix where present, the attention-mask buffers (`h.N.attn.bias`) are dropped, and the Conv1D
-  weights (stored (in, out)) are transposed to nn.Linear's (out, in). The head is tied to wte.
-- `export_hf(model, tokenizer, out_dir)` writes a folder that `transformers.GPT2LMHeadModel` and
-  `AutoTokenizer` load unchanged: `config.json`, `model.safetensors`, `vocab.json` + `merges.txt`
-  (our ranks in GPT-2's printable-byte alphabet, merges derived from the ranks), `tokenizer.json`
-  (the fast tokenizer, carrying our split pattern), `tokenizer_config.json`, `special_tokens_map.json`.
+- `load_hf_model(path)` reads a transformers folder as published on the hub into our GPT: GPT-2
+  (`openai-community/gpt2`: keys lose their `transformer.` prefix where present, the attention-mask
+  buffers are dropped, the Conv1D weights (stored (in, out)) are transposed to nn.Linear's (out, in)),
+  and the Llama family (Llama / SmolLM, Mistral without sliding window, Qwen2; hf_llama.py), from
+  `model.safetensors` or the shards of `model.safetensors.index.json`. `config_from_hf` is the config
+  part alone; `load_hf_gpt2` is the GPT-2-only loader.
+- `load_hf_tokenizer(folder)` reads GPT-2's vocab.json, or any other folder's tokenizer.json (through
+  tokenizer/convert.py); `hf_chat_format(folder)` the chat format of tokenizer_config.json's template.
+- `export_hf(model, tokenizer, out_dir, chat=None)` writes a folder that transformers'
+  `AutoModelForCausalLM` and `AutoTokenizer` load unchanged: a GPT2LMHeadModel for GPT-2-architecture
+  models (with `vocab.json` + `merges.txt`: our ranks in GPT-2's printable-byte alphabet), a
+  LlamaForCausalLM / Qwen2ForCausalLM for rmsnorm + rope + swiglu ones; always `config.json`,
+  `model.safetensors`, `tokenizer.json` (the fast tokenizer, carrying our split pattern),
+  `tokenizer_config.json` (+ the chat template of `chat`) and `special_tokens_map.json`.
 What it does not do: import transformers (only its file formats are used), read TF or pickle files,
-or convert Llama-style configs (GPT-2's format cannot express them; that is an error).
+or convert architectures neither format can express (layernorm + rope, ...: an error, before any write).
 
-    model = load_hf_gpt2("~/.cache/scratchllm/gpt2/124M")
-    export_hf(model, tokenizer, "out/hf")   # then GPT2LMHeadModel.from_pretrained("out/hf")
+    model = load_hf_model("~/.cache/scratchllm/gpt2/124M")     # or a SmolLM2 / Qwen2 folder
+    export_hf(model, tokenizer, "out/hf")   # then AutoModelForCausalLM.from_pretrained("out/hf")
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from safetensors.torch import save_file
 
 from scratchllm.common import ScratchError, atomic_dir, read_json
 from scratchllm.model import GPT, ModelConfig
+from scratchllm.weights import hf_llama
 from scratchllm.weights.state import config_from_file, empty_model, load_state_dict_checked, read_safetensors
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -34,9 +41,19 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approxima
 
 # --------------------------------------------------------------------------------------------- config
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
-    """Our ModelConfig from a transformers GPT2Config dict; refuses variants we cannot compute exactly."""
-    if d.get("model_type", "gpt2") != "gpt2":
-        raise ScratchError(f"{source}: model_type is {d.get('model_type')!r}, only 'gpt2' checkpoints can be imported")
+    """Our ModelConfig from a transformers config dict (GPT-2, Llama, Mistral, Qwen2; no model_type
+    means GPT-2); refuses variants we cannot compute exactly, naming the field and its value."""
+    model_type = d.get("model_type", "gpt2")
+    if model_type in hf_llama.ARCHITECTURES:
+        return hf_llama.config_from_llama(d, source)
+    if model_type != "gpt2":
+        raise ScratchError(f"{source}: model_type is {model_type!r}; supported: gpt2, "
+                           f"{', '.join(hf_llama.ARCHITECTURES)} (SmolLM / SmolLM2 are llama)")
+    return gpt2_config(d, source)
+
+
+def gpt2_config(d: dict, source: str) -> ModelConfig:
+    """Our ModelConfig from a transformers GPT2Config dict."""
     missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in d]
     if missing:
         raise ScratchError(f"{source}: required field(s) {', '.join(missing)} missing")
@@ -57,12 +74,21 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig, eot: int | None = None) -> dict:
+    """transformers config fields for our model: GPT2Config for the GPT-2 architecture, else a Llama /
+    Qwen2 config (hf_llama.config_to_llama); a ScratchError saying what neither format can express."""
+    if cfg.is_gpt2:
+        return gpt2_config_to_hf(cfg, eot)
+    if not hf_llama.llama_problems(cfg):
+        return hf_llama.config_to_llama(cfg, eot, eot)
+    switches = dict(norm=cfg.norm, positions=cfg.positions, mlp=cfg.mlp, n_kv_head=cfg.n_kv_head,
+                    mlp_hidden=cfg.mlp_hidden, bias=cfg.bias, qkv_bias=cfg.qkv_bias)
+    raise ScratchError(f"this model cannot be exported to Hugging Face format: GPT-2 needs layernorm, learned "
+                       f"positions, gelu, n_kv_head = n_head and a 4x MLP; Llama / Qwen2 need rmsnorm, rope "
+                       f"and swiglu ({'; '.join(hf_llama.llama_problems(cfg))}); it has {switches}")
+
+
+def gpt2_config_to_hf(cfg: ModelConfig, eot: int | None) -> dict:
     """transformers GPT2Config fields for a GPT-2-architecture ModelConfig."""
-    if not cfg.is_gpt2:
-        switches = dict(norm=cfg.norm, positions=cfg.positions, mlp=cfg.mlp, n_kv_head=cfg.n_kv_head,
-                        mlp_hidden=cfg.mlp_hidden)
-        raise ScratchError(f"this model cannot be exported to GPT-2 format: GPT-2 needs layernorm, learned "
-                           f"positions, gelu, n_kv_head = n_head and a 4x MLP; it has {switches}")
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
@@ -101,22 +127,42 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_hf_gpt2(path: str | Path, device="cpu") -> GPT:
-    """Our GPT from a HF GPT-2 folder (config.json + model.safetensors) or its model.safetensors file."""
+def _hf_folder(path: str | Path) -> tuple[Path, Path | None, dict, str]:
+    """(folder, the weights file when `path` names one, config dict, config path) of a HF model path."""
     path = Path(path).expanduser()
-    folder = path.parent if path.is_file() else path
-    weights = path if path.is_file() else folder / "model.safetensors"
-    if not (folder / "config.json").is_file():
-        raise ScratchError(f"{folder}: config.json not found (a HF GPT-2 folder needs config.json + model.safetensors)")
-    if not weights.is_file():
-        hint = " (only safetensors is read: no pickle / TF files)" if (folder / "pytorch_model.bin").exists() else ""
-        raise ScratchError(f"{weights} not found{hint}")
-    source = str(folder / "config.json")
-    config = config_from_file(lambda: config_from_hf(read_json(source), source), source)
-    sd = state_dict_from_hf(read_safetensors(weights))
+    folder, weights = (path.parent, path) if path.is_file() else (path, None)
+    source = folder / "config.json"
+    if not source.is_file():
+        raise ScratchError(f"{folder}: config.json not found (a HF model folder needs config.json + "
+                           "model.safetensors or model.safetensors.index.json)")
+    return folder, weights, read_json(source), str(source)
+
+
+def load_hf_model(path: str | Path, device="cpu") -> GPT:
+    """Our GPT (eval mode) from a HF folder (config.json + model.safetensors, or the shards of
+    model.safetensors.index.json) or the model.safetensors inside one; every dtype is read as fp32.
+    model_type gpt2, llama, mistral, qwen2 (see config_from_hf for the variants refused)."""
+    folder, weights, d, source = _hf_folder(path)
+    files, listing = hf_llama.tensor_files(folder, weights)  # {tensor name: file}, from the headers
+    config = config_from_file(lambda: config_from_hf(d, source), source)
     model = empty_model(config, device)
-    load_state_dict_checked(model, sd, str(weights))
+    if d.get("model_type", "gpt2") in hf_llama.ARCHITECTURES:
+        hf_llama.load_llama_weights(model, files, listing)  # tensor by tensor, into the empty model
+    else:  # GPT-2: small enough to read whole, and its published keys come in several layouts
+        sd = {}
+        for shard in sorted(set(files.values())):
+            sd.update(read_safetensors(shard))
+        load_state_dict_checked(model, state_dict_from_hf(sd), listing)
     return model.eval()
+
+
+def load_hf_gpt2(path: str | Path, device="cpu") -> GPT:
+    """load_hf_model for GPT-2 folders only (what `download gpt2` checks): another model_type is refused."""
+    _, _, d, source = _hf_folder(path)
+    if d.get("model_type", "gpt2") != "gpt2":
+        raise ScratchError(f"{source}: model_type is {d['model_type']!r}, only 'gpt2' checkpoints can be "
+                           "imported here (load_hf_model reads every supported model_type)")
+    return load_hf_model(path, device)
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -159,15 +205,32 @@ def _fast_tokenizer_json(tokenizer, vocab: dict[str, int], merges: list[str]) ->
 
 
 def load_hf_tokenizer(folder: str | Path):
-    """Our Tokenizer from a HF GPT-2 folder's vocab.json (ids = ranks), with the special tokens and the
-    split pattern of its tokenizer.json when present (GPT-2's pattern otherwise); None without vocab.json."""
+    """Our Tokenizer from a HF folder, or None when it holds no tokenizer files: a GPT-2 folder's
+    vocab.json (ids = ranks; see _gpt2_vocab_tokenizer), any other folder's tokenizer.json (through
+    tokenizer.convert.tokenizer_from_hf_json). A sentencepiece-only folder is refused."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    model_type = read_json(config).get("model_type", "gpt2") if config.is_file() else "gpt2"
+    if model_type == "gpt2" and (folder / "vocab.json").is_file():
+        return _gpt2_vocab_tokenizer(folder)
+    if (folder / "tokenizer.json").is_file():
+        from scratchllm.tokenizer.convert import tokenizer_from_hf_json
+
+        return tokenizer_from_hf_json(folder / "tokenizer.json")
+    others = [n for n in ("tokenizer.model", "vocab.json") if (folder / n).is_file()]
+    if others:
+        raise ScratchError(f"{folder}: has {', '.join(others)} but no tokenizer.json; only a tokenizer.json "
+                           "(or a GPT-2 folder's vocab.json) can be read")
+    return None
+
+
+def _gpt2_vocab_tokenizer(folder: Path):
+    """Our Tokenizer from a GPT-2 folder's vocab.json, with the special tokens and the split pattern of
+    its tokenizer.json when present (GPT-2's pattern otherwise)."""
     from scratchllm.tokenizer import Tokenizer
     from scratchllm.tokenizer.base import PATTERNS
     from scratchllm.tokenizer.gpt2 import bytes_to_unicode
 
-    folder = Path(folder)
-    if not (folder / "vocab.json").is_file():
-        return None
     vocab = read_json(folder / "vocab.json")
     specials, pattern = {}, PATTERNS["gpt2"]
     if (folder / "tokenizer.json").is_file():
@@ -191,6 +254,36 @@ def load_hf_tokenizer(folder: str | Path):
     return Tokenizer(ranks, pattern, specials, name=folder.name)
 
 
+def hf_chat_template(folder: str | Path) -> tuple[str | None, str]:
+    """(the chat template, the file it came from) of a HF folder: chat_template.jinja (newer
+    transformers), else tokenizer_config.json's `chat_template`, a string or a list of
+    {"name", "template"} (the one named "default" is used, as transformers does); (None, file) if none."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8"), str(folder / "chat_template.jinja")
+    source = folder / "tokenizer_config.json"
+    template = read_json(source).get("chat_template") if source.is_file() else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise ScratchError(f"{source}: chat_template lists {sorted(map(str, named))} but none named 'default'")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ScratchError(f"{source}: chat_template must be a string or a list of {{name, template}}, "
+                           f"got a {type(template).__name__}")
+    return template, str(source)
+
+
+def hf_chat_format(folder: str | Path):
+    """The ChatFormat (tokenizer.chat.detect_chat_format) of a HF folder's chat template; None without one."""
+    template, source = hf_chat_template(folder)
+    if template is None:
+        return None
+    from scratchllm.tokenizer.chat import detect_chat_format
+
+    return detect_chat_format(template, source)
+
+
 def check_export_dir(out_dir: str | Path, overwrite: bool = False) -> bool:
     """Refuse an `out_dir` export_hf cannot write (before any work): a non-empty folder or a file
     without `overwrite`, or a path whose parent folder cannot be made. Returns True for an empty folder."""
@@ -206,31 +299,52 @@ def check_export_dir(out_dir: str | Path, overwrite: bool = False) -> bool:
     return empty_dir
 
 
-def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a HF GPT-2 folder (weights + tokenizer) that transformers loads unchanged.
+def _write_tokenizer(tmp: Path, tokenizer, gpt2: bool, block_size: int, template: str | None) -> None:
+    """The tokenizer files of an export: tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    and for GPT-2 folders also vocab.json + merges.txt (what GPT2Tokenizer, the slow one, reads)."""
+    vocab, merges = hf_vocab_and_merges(tokenizer)
+    if gpt2:
+        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (tmp / "tokenizer.json").write_text(_fast_tokenizer_json(tokenizer, vocab, merges), encoding="utf-8")
+    eot_text = "<|endoftext|>" if tokenizer.eot_token is not None else None
+    specials = {"bos_token": eot_text, "eos_token": eot_text, **({"unk_token": eot_text} if gpt2 else {})}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+                  "add_prefix_space": False, "add_bos_token": False, **specials}
+    if template is not None:
+        tok_config["chat_template"] = template
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = False, chat=None) -> Path:
+    """Write a HF folder (weights + tokenizer) that transformers loads unchanged: GPT2LMHeadModel for
+    the GPT-2 architecture, LlamaForCausalLM / Qwen2ForCausalLM for rmsnorm + rope + swiglu models.
+    `chat` (a tokenizer.chat.ChatFormat) adds its Jinja chat template to tokenizer_config.json.
 
     `out_dir` may be missing or an empty folder; anything else (a non-empty folder, a file) is
-    refused unless `overwrite`, which replaces it only once the new folder is complete."""
+    refused unless `overwrite`, which replaces it only once the new folder is complete. Everything
+    that can fail (the config, the tokenizer size, the template) fails before anything is written."""
     out_dir = Path(out_dir)
     empty_dir = check_export_dir(out_dir, overwrite)
     cfg = model.config
     eot = tokenizer.eot_token if tokenizer is not None else None
-    hf_config = config_to_hf(cfg, eot)  # refuses Llama-style configs before anything is written
+    hf_config = config_to_hf(cfg, eot)  # refuses what neither format can express
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ScratchError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                            f"{cfg.vocab_size} embedding rows: they do not belong together")
+    if hf_config["model_type"] == "qwen2":
+        hf_llama.check_qwen2_tokenizer(tokenizer)
+    template = None
+    if chat is not None:
+        from scratchllm.tokenizer.chat import jinja_template
+
+        template = jinja_template(chat)
+    weights = state_dict_to_hf(model) if cfg.is_gpt2 else hf_llama.state_dict_to_llama(model)
     with atomic_dir(out_dir, overwrite=overwrite or empty_dir) as tmp:  # an empty folder is replaced
-        save_file(state_dict_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:
-            vocab, merges = hf_vocab_and_merges(tokenizer)
-            (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-            (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-            (tmp / "tokenizer.json").write_text(_fast_tokenizer_json(tokenizer, vocab, merges), encoding="utf-8")
-            eot_text = "<|endoftext|>" if eot is not None else None
-            specials = {"bos_token": eot_text, "eos_token": eot_text, "unk_token": eot_text}
-            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-                          "add_prefix_space": False, "add_bos_token": False, **specials}
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-            (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+            _write_tokenizer(tmp, tokenizer, cfg.is_gpt2, cfg.block_size, template)
     return out_dir
