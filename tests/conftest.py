@@ -1,7 +1,10 @@
-"""Shared test fixtures: the offline data folder (../shared/data) and tiny seeded settings.
+"""Shared test fixtures: the offline data folder (../shared/data), tiny seeded settings, and the
+open-weights inputs several test files need (built once per session; see open_weights_helpers.py).
 
-When ../shared/data is missing, tests that need it fail under CI (CI=true) and are skipped with a
-clear reason elsewhere. TIKTOKEN_CACHE_DIR is pointed at its tiktoken cache so tiktoken works offline.
+When ../shared/data (or an optional package or file) is missing, tests that need it fail under CI
+(CI=true) and are skipped with a clear reason elsewhere. TIKTOKEN_CACHE_DIR is pointed at its
+tiktoken cache so tiktoken works offline. Session fixtures hand out shared objects: read them, do
+not change them.
 """
 
 import os
@@ -69,3 +72,86 @@ def gguf_package():
     except ImportError:
         need("the gguf package", "pip install 'scratchllm[gguf]'")
     return gguf
+
+
+# --------------------------------------------------------------------------------------------- open weights
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        need("transformers", "pip install transformers (the dev extra)")
+    return transformers
+
+
+@pytest.fixture(scope="session")
+def smollm2_metadata(smollm2_gguf, gguf_package) -> dict:
+    """The SmolLM2 GGUF's metadata as a plain dict, read by the gguf package's GGUFReader (~3 s)."""
+    from open_weights_helpers import gguf_metadata
+
+    return gguf_metadata(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_metadata, smollm2_gguf):
+    """Our Tokenizer converted from the SmolLM2 GGUF's metadata (tokenizer/convert.py)."""
+    from scratchllm.tokenizer.convert import tokenizer_from_gguf_metadata
+
+    return tokenizer_from_gguf_metadata(smollm2_metadata, str(smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
+def smollm2_auto_tokenizer(smollm2_gguf):
+    """transformers' AutoTokenizer.from_pretrained(folder, gguf_file=name) of the SmolLM2 GGUF (~10 s)."""
+    auto_tokenizer = _transformers().AutoTokenizer
+    return auto_tokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_folders(smollm2_auto_tokenizer, tmp_path_factory):
+    """(the folder smollm2_auto_tokenizer saves, "SmolLM2-135M-Instruct": the same with SmolLM2's own
+    tokenizer.json pre-tokenizer, Digits(individual) + ByteLevel)."""
+    from open_weights_helpers import save_smollm2_tokenizer_folders
+
+    return save_smollm2_tokenizer_folders(smollm2_auto_tokenizer, tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer():
+    """A byte-level BPE of 300 ids trained in-process, with <|endoftext|>, <|im_start|>, <|im_end|>."""
+    from open_weights_helpers import train_tiny_chat_tokenizer
+
+    return train_tiny_chat_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def _tiny_gguf_built(gguf_package, tiny_chat_tokenizer, tmp_path_factory):
+    _transformers()
+    from open_weights_helpers import build_tiny_gguf
+
+    return build_tiny_gguf(gguf_package, tmp_path_factory.mktemp("tiny_gguf"), tiny_chat_tokenizer)
+
+
+@pytest.fixture()
+def tiny_gguf(_tiny_gguf_built, tmp_path_factory):
+    """A TinyGGUF (open_weights_helpers.py): .path, a fresh copy per test of a tiny random Llama written
+    as llama.cpp does it, with tiny_chat_tokenizer's metadata and a ChatML template (default system
+    prompt); .vocab_size, .config (transformers' LlamaConfig), .logits(idx) (transformers' fp32 logits)."""
+    import dataclasses
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny_gguf_copy") / _tiny_gguf_built.path.name
+    shutil.copyfile(_tiny_gguf_built.path, path)
+    return dataclasses.replace(_tiny_gguf_built, path=path)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_files(tiny_chat_tokenizer, tmp_path_factory) -> dict[str, bytes]:
+    """{"tokenizer.json": bytes, "tokenizer_config.json": bytes}: tiny_chat_tokenizer (300 ids, fits a
+    vocab_size of 320) with the ChatML chat template, as a hub repo has them (written by export_hf)."""
+    try:
+        import tokenizers  # noqa: F401  (export_hf writes tokenizer.json with it)
+    except ImportError:
+        need("the tokenizers package", "pip install tokenizers (the dev extra)")
+    from open_weights_helpers import export_chat_tokenizer_files
+
+    return export_chat_tokenizer_files(tiny_chat_tokenizer, tmp_path_factory.mktemp("chat_tokenizer"))
