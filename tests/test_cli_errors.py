@@ -25,6 +25,7 @@ from scratchllm.weights.checkpoint import write_model_files
 
 TOK, RUN, SHARDS = "{w}/tok", "{w}/run", "{w}/shards"
 GEN = "generate --prompt hi --max-new-tokens 2 --device cpu"
+CHAT = "generate --chat hi --max-new-tokens 2 --device cpu"
 PRE = f"pretrain --data {SHARDS} --model-preset tiny --max-steps 1 --device cpu --no-compile"
 CASES = {
     ("tokenizer", "train"): [
@@ -84,11 +85,20 @@ CASES = {
         ("batch 0", "model info --preset tiny --batch 0", "--batch"),
         ("batch not a number", "model info --preset tiny --batch x", "'x'"),
         ("bad config value", "model info --model {w}/badval", "badval/step_0000001/config.json"),
+        ("unknown model name", "model info --model nope-model", "model list"),
+        ("not a GGUF file", "model info --model {w}/bad.gguf", "bad.gguf"),
+        ("HF config we cannot represent", "model info --model {w}/hfsliding", "sliding_window"),
+    ],
+    ("model", "list"): [
+        ("unexpected argument", "model list --nope", "--nope"),
     ],
     ("download",): [
         ("unknown size", "download gpt2 --size 5M", "5M"),
         ("dest is a file", "download gpt2 --dest {w}/file.txt --quiet", "file.txt"),
         ("offline", "download gpt2 --dest {w}/g --quiet", "nothing was downloaded"),
+        ("unknown model name", "download nope-model --quiet", "smollm2-135m-instruct"),
+        ("registry model offline", "download smollm2-135m --quiet", "nothing was downloaded"),
+        ("--size with a registry model", "download smollm2-135m --size 355M", "--size"),
     ],
     ("export",): [
         ("missing model", "export --model {w}/nope --out {w}/e", "nope"),
@@ -140,6 +150,16 @@ CASES = {
         ("temperature -1", f"{GEN} --model {RUN} --temperature -1", "temperature=-1"),
         ("top-p 2", f"{GEN} --model {RUN} --top-p 2", "top_p=2"),
         ("unknown device", f"generate --prompt hi --model {RUN} --device nope", "nope"),
+        ("unknown model name", f"{GEN} --model nope-model", "smollm2-135m-instruct"),
+        ("model name not available offline", f"{GEN} --model smollm2-135m", "scratchllm download smollm2-135m"),
+        ("not a GGUF file", f"{GEN} --model {{w}}/bad.gguf", "bad.gguf"),
+        ("empty GGUF file", f"{GEN} --model {{w}}/empty.gguf", "empty.gguf"),
+        ("HF folder with a missing shard", f"{GEN} --model {{w}}/hfshard", "model-00002-of-00002.safetensors"),
+        ("HF config we cannot represent", f"{GEN} --model {{w}}/hfsliding", "sliding_window"),
+        ("HF tokenizer.json not BPE", f"{GEN} --model {{w}}/hfunigram", "Unigram"),
+        ("--chat without a chat format", f"{CHAT} --model {RUN}", "--chat-format"),
+        ("--system without --chat", f"{GEN} --model {RUN} --system x", "--system"),
+        ("--prompt and --chat", f"{GEN} --chat hi --model {RUN}", "--chat"),
     ],
     ("demo",): [
         ("out is a file", "demo --out {w}/file.txt --max-steps 1", "file.txt"),
@@ -225,6 +245,25 @@ def world(tmp_path_factory):
     (w / "hfbad" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_positions": 8,
                                                          "n_embd": "x", "n_layer": 1, "n_head": 1}))
     (w / "hfbad" / "model.safetensors").write_bytes(b"")
+    (w / "bad.gguf").write_bytes(b"NOTGGUF!" + bytes(64))
+    (w / "empty.gguf").write_bytes(b"")
+    llama = ModelConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=16, bias=False, norm="rmsnorm",
+                        positions="rope", mlp="swiglu")
+    from scratchllm.weights.hf import export_hf
+
+    export_hf(GPT(llama), tok, w / "hfunigram")
+    fast = json.loads((w / "hfunigram" / "tokenizer.json").read_text())
+    fast["model"] = {"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0]]}
+    (w / "hfunigram" / "tokenizer.json").write_text(json.dumps(fast))
+    shutil.copytree(w / "hfunigram", w / "hfsliding")
+    edit_json(w / "hfsliding" / "config.json", lambda d: {**d, "model_type": "mistral", "sliding_window": 16})
+    shutil.copytree(w / "hfunigram", w / "hfshard")
+    (w / "hfshard" / "model.safetensors").rename(w / "hfshard" / "model-00001-of-00002.safetensors")
+    keys = json.loads((w / "hfshard" / "model-00001-of-00002.safetensors").read_bytes()[8:].split(b"}}")[0] + b"}}")
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    names = sorted(k for k in keys if k != "__metadata__")
+    index = {"metadata": {}, "weight_map": {k: shards[i % 2] for i, k in enumerate(names)}}
+    (w / "hfshard" / "model.safetensors.index.json").write_text(json.dumps(index))
     return w
 
 

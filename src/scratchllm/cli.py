@@ -199,7 +199,7 @@ def add_pretrain(sub) -> None:
     g.add_argument("--input", nargs="+", metavar="SRC", help="or raw sources: prepared into OUT/shards first")
     g.add_argument("--tokenizer", help="tokenizer folder or `gpt2` (default: the --model folder's or the shards')")
     g.add_argument("--model-preset", help="train from scratch: tiny, small, gpt2, ...")
-    g.add_argument("--model", help="or continue from a checkpoint, run or Hugging Face GPT-2 folder")
+    g.add_argument("--model", help="or continue training a model: " + MODEL_HELP)
     g.add_argument("--block-size", type=positive_int, help="context length (default: the model's)")
     g.add_argument("--sampler", choices=["random", "sliding"],
                    help="random windows (default) or the book's fixed windows, reshuffled every epoch")
@@ -223,6 +223,16 @@ def add_pretrain(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------- model + weights
+MODEL_HELP = ("a model folder, a run folder (newest checkpoint), a Hugging Face folder, a .gguf file or a "
+              "model name such as smollm2-135m-instruct (`scratchllm model list`)")
+
+
+def _model_list(args):
+    from scratchllm.weights.commands import model_list
+
+    return model_list(args)
+
+
 def _model_info(args):
     from scratchllm.weights.commands import model_info
 
@@ -246,24 +256,26 @@ def add_model(sub) -> None:
     msub = p.add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
     i = msub.add_parser("info", help="parameters, bytes, FLOPs/token, training and inference memory")
     i.add_argument("--preset", help="a preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, small)")
-    i.add_argument("--model", help="a model folder, run folder or HF GPT-2 folder (reads config.json only)")
+    i.add_argument("--model", help=MODEL_HELP + " (reads the config only)")
     i.add_argument("--batch", type=int, default=1, help="batch size for the memory estimates (default 1)")
     i.add_argument("--block", type=int, default=None, help="sequence length (default: the model's block_size)")
     i.set_defaults(func=_model_info)
+    ls = msub.add_parser("list", help="the open-weight models known by name, and where each is available")
+    ls.set_defaults(func=_model_list)
 
 
 def add_download(sub) -> None:
-    p = sub.add_parser("download", help="download pretrained weights (OpenAI GPT-2 from the HF hub layout)")
-    p.add_argument("name", choices=["gpt2"], help="what to download")
+    p = sub.add_parser("download", help="download pretrained weights from the Hugging Face hub ($SCRATCHLLM_MIRROR)")
+    p.add_argument("name", help="gpt2, or a model name from `scratchllm model list` (imported into the cache)")
     p.add_argument("--size", default="124M", choices=["124M", "355M", "774M", "1558M"], help="GPT-2 size")
-    p.add_argument("--dest", help="target folder (default: $SCRATCHLLM_CACHE/models/<repo>)")
+    p.add_argument("--dest", help="gpt2's target folder (default: $SCRATCHLLM_CACHE/models/<repo>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_download)
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a model folder to another format (hf: transformers GPT-2)")
-    p.add_argument("--model", required=True, help="a model folder or run folder (with tokenizer/)")
+    p = sub.add_parser("export", help="export a model to another format (hf: a transformers GPT-2/Llama/Qwen2 folder)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--format", default="hf", choices=["hf"], help="output format (default hf)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -279,9 +291,15 @@ def _generate(args):
 
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a model (sampling, stop strings, streaming)")
-    p.add_argument("--model", required=True, help="a model folder, a run folder (newest checkpoint) or a HF GPT-2 folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--tokenizer", help="tokenizer folder or `gpt2`, when the model folder has no tokenizer/")
-    p.add_argument("--prompt", required=True, help="the text to continue (`-` reads it from stdin)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text to continue (`-` reads it from stdin)")
+    what.add_argument("--chat", metavar="MESSAGE",
+                      help="a user message, answered in the model's chat format (`-` reads it from stdin)")
+    p.add_argument("--system", help="with --chat: the system prompt (default: the model's own, if any)")
+    p.add_argument("--chat-format", choices=["chatml", "alpaca"],
+                   help="with --chat: the format to use when the model does not record one")
     p.add_argument("--max-new-tokens", type=int, default=100, help="most tokens to generate (default 100)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; default 1.0")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")

@@ -1,14 +1,18 @@
-"""The `scratchllm generate` subcommand: load a model folder and continue a prompt.
+"""The `scratchllm generate` subcommand: load a model and continue a prompt, or answer a chat message.
 
-What it does: loads a model (our folder, a run folder, or a Hugging Face GPT-2 folder) with
-`load_model`, casts it to the chosen precision, and prints the prompt followed by its continuation,
-streamed as it is produced with --stream. The model's `<|endoftext|>` token stops generation unless
+What it does: loads anything `--model` accepts (our folder, a run folder, a Hugging Face folder, a
+.gguf file, a registry name such as smollm2-135m-instruct: see weights/registry.py) with
+`open_model`, casts it to the chosen precision, and prints the prompt followed by its continuation,
+streamed as it is produced with --stream. `--chat MESSAGE` instead renders a one-turn conversation
+(`--system` replaces the model's default system prompt) in the model's chat format (its chat.json,
+or `--chat-format`), streams only the answer, and stops at the format's end-of-turn token. The model's `<|endoftext|>` token stops generation unless
 --ignore-eot is given. `--tokenizer` replaces the model's own tokenizer; when their fingerprints
 differ a warning says so (the ids then stand for other text). Stop strings accept the escapes \\n, \\t and \\\\. A summary (tokens, seconds,
 tokens/s) goes to stderr.
 What it does not do: chat templates or serving (see serve/).
 
     scratchllm generate --model runs/demo/run --prompt "Once upon a time" --max-new-tokens 50 --stream
+    scratchllm generate --model smollm2-135m-instruct --chat "What is the capital of France?"
     scratchllm generate --model gpt2-folder/ --prompt "Hello" --temperature 0.7 --top-p 0.9 --seed 1 --stop '\\n\\n'
 """
 
@@ -48,19 +52,37 @@ def replace_tokenizer(model, own, spec: str, model_path: str):
     return tokenizer
 
 
+def chat_prompt(args, loaded, tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, stop ids) of `--chat MESSAGE`: the conversation [system?, user] rendered in the
+    model's chat format (or --chat-format), ending with the assistant's turn opened."""
+    from scratchllm.tokenizer.chat import FORMATS, render, stop_ids
+
+    fmt = FORMATS[args.chat_format] if args.chat_format else loaded.chat
+    if fmt is None:
+        raise ScratchError(f"{args.model} does not say which chat format it speaks (no chat.json, or a chat "
+                           f"template we do not know): pass --chat-format ({', '.join(FORMATS)})")
+    message = sys.stdin.read() if args.chat == "-" else args.chat
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+        [{"role": "user", "content": message}]
+    return render(fmt, messages, tokenizer, add_generation_prompt=True), stop_ids(fmt, tokenizer)
+
+
 def generate(args) -> int:
     from scratchllm.infer.detok import Detokenizer
     from scratchllm.infer.engine import Engine, text_deltas
     from scratchllm.infer.sampling import SamplingParams
-    from scratchllm.weights.checkpoint import load_model
+    from scratchllm.weights.checkpoint import open_model
 
     # check the sampling parameters before any work (loading a model can take a while)
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     if args.max_new_tokens < 0:
         raise ScratchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.chat is None and (args.system is not None or args.chat_format):
+        raise ScratchError("--system and --chat-format go with --chat MESSAGE (not --prompt)")
     device = select_device(args.device)
     precision = select_precision(args.precision, device)
-    model, tokenizer = load_model(args.model, device=device)
+    loaded = open_model(args.model, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if args.tokenizer:
         tokenizer = replace_tokenizer(model, tokenizer, args.tokenizer, args.model)
     if tokenizer is None:
@@ -68,15 +90,19 @@ def generate(args) -> int:
     model = model.to(torch_dtype(precision))
     engine = Engine(model, tokenizer)
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    try:
-        prompt_ids = tokenizer.encode(prompt, allowed_special="all")
-    except ValueError as e:
-        raise ScratchError(f"--prompt: {e}") from None
-    if not prompt_ids and tokenizer.eot_token is not None:
-        prompt_ids = [tokenizer.eot_token]  # an empty prompt: start from <|endoftext|>, as GPT-2 does
-    stop_strings = [unescape(s) for s in args.stop or []]
     stop_ids = [] if tokenizer.eot_token is None or args.ignore_eot else [tokenizer.eot_token]
+    if args.chat is not None:
+        prompt, (prompt_ids, chat_stops) = "", chat_prompt(args, loaded, tokenizer)
+        stop_ids += [] if args.ignore_eot else chat_stops
+    else:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        try:
+            prompt_ids = tokenizer.encode(prompt, allowed_special="all")
+        except ValueError as e:
+            raise ScratchError(f"--prompt: {e}") from None
+        if not prompt_ids and tokenizer.eot_token is not None:
+            prompt_ids = [tokenizer.eot_token]  # an empty prompt: start from <|endoftext|>, as GPT-2 does
+    stop_strings = [unescape(s) for s in args.stop or []]
     tokens = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                              stop=stop_ids, seed=args.seed, truncate=not args.no_truncate)
@@ -91,7 +117,7 @@ def generate(args) -> int:
     t0 = time.perf_counter()
     deltas = text_deltas(counted(tokens), Detokenizer(tokenizer, stop_strings))
     out = sys.stdout
-    if not args.no_echo:
+    if not args.no_echo:  # a chat answer is never echoed with its template
         out.write(prompt)
     if args.stream:
         for delta in deltas:

@@ -7,22 +7,28 @@ What it does:
   `config.json` (ModelConfig.to_dict()), `tokenizer/` and optionally `meta.json`, through a temp
   folder renamed into place. `write_model_files` does the same into a folder the caller manages
   (the trainer's checkpoints use it).
+  `chat=` adds `chat.json` (the chat format the model speaks, tokenizer/chat.py) and `extra=` more
+  JSON files (an import's `source.json`).
 - `load_model(path)` accepts such a folder, a run folder (follows `RUN_DIR/latest`), a Hugging
-  Face GPT-2 folder, or the path of the `model.safetensors` inside one of those model folders (its
-  folder is used), and returns `(GPT, Tokenizer | None)`.
+  Face folder (GPT-2, Llama, Mistral, Qwen2: hf.py), the path of the `model.safetensors` inside one
+  of those model folders (its folder is used), a `.gguf` file or a registry name such as
+  `smollm2-135m-instruct` (both imported once into the cache, see registry.py), and returns
+  `(GPT, Tokenizer | None)`; `open_model` returns the chat format and the folder too.
   Weights are loaded with state.load_state_dict_checked: any mismatch is one ScratchError listing the
   missing, unexpected and wrongly shaped keys. A folder with a meta.json (every training checkpoint)
   is first checked against its `files` table (`verify_model_files`): sizes on every load, sha256 on
   the first load of each file version (remembered in `.verified.json`); an empty table is refused.
 What it does not do: optimizer / training state (train/checkpointing.py) or HF conversion (hf.py).
 
-    save_model(model, tok, "out/model")
-    model, tok = load_model("out/model")      # or a run folder, or an HF GPT-2 folder
+    save_model(model, tok, "out/model", chat=CHAT_FORMATS["chatml"])
+    model, tok = load_model("out/model")      # or a run folder, an HF folder, a .gguf, a registry name
+    loaded = open_model("smollm2-135m-instruct"); loaded.chat.name   # 'chatml'
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,9 +37,9 @@ from safetensors.torch import save_file
 from scratchllm.common import ScratchError, atomic_dir, read_json
 from scratchllm.model import GPT, ModelConfig
 from scratchllm.weights import state
-from scratchllm.weights.hf import load_hf_gpt2, load_hf_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER_DIR, META = "model.safetensors", "config.json", "tokenizer", "meta.json"
+CHAT = "chat.json"  # the chat format a model speaks (tokenizer/chat.py ChatFormat.to_dict())
 
 
 def check_vocab(model: GPT, tokenizer, source: str) -> None:
@@ -42,8 +48,10 @@ def check_vocab(model: GPT, tokenizer, source: str) -> None:
                            f"{model.config.vocab_size} embedding rows (vocab_size): they do not belong together")
 
 
-def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, meta: dict | None = None) -> None:
-    """Write model.safetensors, config.json, tokenizer/ (and meta.json) into an existing folder."""
+def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, meta: dict | None = None,
+                      chat=None, extra: dict[str, dict] | None = None) -> None:
+    """Write model.safetensors, config.json, tokenizer/ (and chat.json, the `extra` JSON files by
+    name, meta.json) into an existing folder."""
     folder = Path(folder)
     inner = state.unwrap_model(model)
     check_vocab(inner, tokenizer, str(folder))
@@ -52,30 +60,37 @@ def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, met
     (folder / CONFIG).write_text(json.dumps(inner.config.to_dict(), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(folder / TOKENIZER_DIR)
+    if chat is not None:
+        (folder / CHAT).write_text(json.dumps(chat.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    for name, content in (extra or {}).items():
+        (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
     if meta is not None:  # with the size + sha256 of every file, as a training checkpoint has
         meta = {**meta, "files": state.folder_digests(folder)}
         (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: dict | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, chat=None, extra: dict[str, dict] | None = None) -> Path:
     """Save a model folder atomically (a temp folder renamed to out_dir only once complete)."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_model_files(model, tokenizer, tmp, meta)
+        write_model_files(model, tokenizer, tmp, meta, chat=chat, extra=extra)
     return Path(out_dir)
 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A model folder itself, the folder of a `model.safetensors` path, or the newest complete
-    checkpoint of a run folder (via its `latest` file)."""
-    path = Path(path).expanduser()
+    checkpoint of a run folder (via its `latest` file). A `.gguf` file or a registry name is first
+    imported into the cache (registry.resolve)."""
+    from scratchllm.weights.registry import resolve
+
+    path = resolve(path)
     if not path.exists():
-        raise ScratchError(f"{path} does not exist (give a model folder, a run folder, a HF GPT-2 folder "
-                           f"or the {WEIGHTS} inside one)")
+        raise ScratchError(f"{path} does not exist (give a model folder, a run folder, a Hugging Face folder, "
+                           f"the {WEIGHTS} inside one, a .gguf file or a model name from `scratchllm model list`)")
     if path.is_file():
         if path.name != WEIGHTS:
-            raise ScratchError(f"{path} is a file: give a model folder, a run folder, a HF GPT-2 folder or "
-                               f"the {WEIGHTS} inside one (its folder holds {CONFIG})")
+            raise ScratchError(f"{path} is a file: give a model folder, a run folder, a Hugging Face folder, "
+                               f"the {WEIGHTS} inside one (its folder holds {CONFIG}) or a .gguf file")
         path = path.parent
     return state.resolve_latest(path, CONFIG)
 
@@ -105,15 +120,39 @@ def verify_model_files(folder: str | Path) -> None:
     state.verify_files(folder, files, meta_path, which=_read_by_load, cache=True)
 
 
-def load_model(path: str | Path, device="cpu") -> tuple[GPT, object | None]:
-    """(model in eval mode, tokenizer or None) from a model folder, a run folder, a HF GPT-2 folder
-    or a model folder's model.safetensors. A checkpoint's files are first checked against its
-    meta.json (verify_model_files)."""
+def is_hf_config(d: dict) -> bool:
+    """A transformers config.json (rather than our ModelConfig's)."""
+    return "model_type" in d or "n_positions" in d
+
+
+def read_chat_format(folder: str | Path):
+    """The ChatFormat of our model folder's chat.json, or None when it has none."""
+    from scratchllm.tokenizer.chat import ChatFormat
+
+    path = Path(folder) / CHAT
+    return ChatFormat.from_dict(read_json(path), source=str(path)) if path.is_file() else None
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: object | None
+    chat: object | None  # the ChatFormat the model speaks, or None
+    folder: Path  # the folder the weights came from (an imported model's cache folder)
+
+
+def open_model(path: str | Path, device="cpu") -> LoadedModel:
+    """Model (eval mode), tokenizer, chat format and folder of anything `--model` accepts (see the
+    module doc). A checkpoint's files are first checked against its meta.json (verify_model_files)."""
+    from scratchllm.weights import hf
+
     folder = resolve_model_dir(path)
     verify_model_files(folder)
     config_dict = read_json(folder / CONFIG)
-    if "model_type" in config_dict or "n_positions" in config_dict:  # a transformers config
-        model, tokenizer = load_hf_gpt2(folder, device=device), load_hf_tokenizer(folder)
+    chat = None
+    if is_hf_config(config_dict):
+        model, tokenizer = hf.load_hf_model(folder, device=device), hf.load_hf_tokenizer(folder)
+        chat = hf.hf_chat_format(folder)
     else:
         source = str(folder / CONFIG)
         config = state.config_from_file(lambda: ModelConfig.from_dict(config_dict, source=source), source)
@@ -127,5 +166,13 @@ def load_model(path: str | Path, device="cpu") -> tuple[GPT, object | None]:
             from scratchllm.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.load(folder / TOKENIZER_DIR)
+        chat = read_chat_format(folder)
     check_vocab(model, tokenizer, str(folder))
-    return model, tokenizer
+    return LoadedModel(model, tokenizer, chat, folder)
+
+
+def load_model(path: str | Path, device="cpu") -> tuple[GPT, object | None]:
+    """(model in eval mode, tokenizer or None) of anything `--model` accepts: open_model without the
+    chat format."""
+    loaded = open_model(path, device=device)
+    return loaded.model, loaded.tokenizer

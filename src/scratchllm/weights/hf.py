@@ -143,8 +143,8 @@ def load_hf_model(path: str | Path, device="cpu") -> GPT:
     model.safetensors.index.json) or the model.safetensors inside one; every dtype is read as fp32.
     model_type gpt2, llama, mistral, qwen2 (see config_from_hf for the variants refused)."""
     folder, weights, d, source = _hf_folder(path)
+    config = config_from_file(lambda: config_from_hf(d, source), source)  # a config we refuse: before any I/O
     files, listing = hf_llama.tensor_files(folder, weights)  # {tensor name: file}, from the headers
-    config = config_from_file(lambda: config_from_hf(d, source), source)
     model = empty_model(config, device)
     if d.get("model_type", "gpt2") in hf_llama.ARCHITECTURES:
         hf_llama.load_llama_weights(model, files, listing)  # tensor by tensor, into the empty model
