@@ -184,6 +184,7 @@ def test_errors(tmp_path, small_tokenizer):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
     with pytest.raises(ScratchError, match="activation_function 'relu'"):
         load_hf_gpt2(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))  # the config is read first: a good one
     (tmp_path / "hf" / "model.safetensors").unlink()
     with pytest.raises(ScratchError, match="model.safetensors not found"):
         load_hf_gpt2(tmp_path / "hf")

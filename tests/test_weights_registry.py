@@ -81,7 +81,7 @@ def test_packaged_gguf_is_imported_once_then_read_from_the_cache(cache, fake_pac
 
 
 def test_a_failed_import_leaves_no_cache_entry(cache, fake_package, monkeypatch):
-    import scratchllm.weights.checkpoint as ckpt
+    import scratchllm.weights.folder as ckpt
 
     real = ckpt.write_model_files
 

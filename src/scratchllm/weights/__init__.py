@@ -1,8 +1,8 @@
 """Weights in and out: our model folders, Hugging Face folders, llama.cpp's GGUF files, model names.
 
 The modules (nothing is imported here: import the submodules directly):
-- checkpoint.py: our model folders: save_model / write_model_files, open_model / load_model of
-  anything `--model` accepts.
+- folder.py: writing our model folders (save_model / write_model_files, the file names).
+- checkpoint.py: reading them: open_model / load_model of anything `--model` accepts.
 - state.py: the state-dict rules every reader and writer shares (wrapper prefixes, tied weights,
   checked loading, the sha256 table of a checkpoint's meta.json).
 - hf.py: Hugging Face folders in and out (GPT-2; tokenizer.json, chat templates, export_hf).

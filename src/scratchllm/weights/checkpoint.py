@@ -1,14 +1,8 @@
-"""Model folders: save a model (+ tokenizer) atomically, load one back from any folder we know.
+"""Model folders: load a model back from any folder we know (or anything else `--model` accepts).
 
 What it does:
-- `save_model(model, tokenizer, out_dir, meta=None)` writes `model.safetensors` (the unwrapped
-  module's weights: `_orig_mod.` / `module.` prefixes stripped, the tied head stored once; the
-  rules are state.py's),
-  `config.json` (ModelConfig.to_dict()), `tokenizer/` and optionally `meta.json`, through a temp
-  folder renamed into place. `write_model_files` does the same into a folder the caller manages
-  (the trainer's checkpoints use it).
-  `chat=` adds `chat.json` (the chat format the model speaks, tokenizer/chat.py) and `extra=` more
-  JSON files (an import's `source.json`).
+- `save_model` / `write_model_files` (written in folder.py, re-exported here) save a model folder
+  atomically: model.safetensors, config.json, tokenizer/, chat.json, meta.json.
 - `load_model(path)` accepts such a folder, a run folder (follows `RUN_DIR/latest`), a Hugging
   Face folder (GPT-2, Llama, Mistral, Qwen2: hf.py), the path of the `model.safetensors` inside one
   of those model folders (its folder is used), a `.gguf` file or a registry name such as
@@ -18,63 +12,32 @@ What it does:
   missing, unexpected and wrongly shaped keys. A folder with a meta.json (every training checkpoint)
   is first checked against its `files` table (`verify_model_files`): sizes on every load, sha256 on
   the first load of each file version (remembered in `.verified.json`); an empty table is refused.
-What it does not do: optimizer / training state (train/checkpointing.py) or HF conversion (hf.py).
+What it does not do: optimizer / training state (train/checkpointing.py), HF or GGUF conversion (hf.py,
+gguf.py) or the registry and its cache (registry.py).
 
-    save_model(model, tok, "out/model", chat=CHAT_FORMATS["chatml"])
+    save_model(model, tok, "out/model", chat=FORMATS["chatml"])   # tokenizer/chat.py
     model, tok = load_model("out/model")      # or a run folder, an HF folder, a .gguf, a registry name
     loaded = open_model("smollm2-135m-instruct"); loaded.chat.name   # 'chatml'
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from scratchllm.common import ScratchError, atomic_dir, read_json
+from scratchllm.common import ScratchError, read_json
 from scratchllm.model import GPT, ModelConfig
 from scratchllm.weights import state
-
-WEIGHTS, CONFIG, TOKENIZER_DIR, META = "model.safetensors", "config.json", "tokenizer", "meta.json"
-CHAT = "chat.json"  # the chat format a model speaks (tokenizer/chat.py ChatFormat.to_dict())
-
-
-def check_vocab(model: GPT, tokenizer, source: str) -> None:
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise ScratchError(f"{source}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                           f"{model.config.vocab_size} embedding rows (vocab_size): they do not belong together")
-
-
-def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, meta: dict | None = None,
-                      chat=None, extra: dict[str, dict] | None = None) -> None:
-    """Write model.safetensors, config.json, tokenizer/ (and chat.json, the `extra` JSON files by
-    name, meta.json) into an existing folder."""
-    folder = Path(folder)
-    inner = state.unwrap_model(model)
-    check_vocab(inner, tokenizer, str(folder))
-    weights = {k: v.detach().cpu().contiguous() for k, v in state.state_to_save(model).items()}
-    save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
-    (folder / CONFIG).write_text(json.dumps(inner.config.to_dict(), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(folder / TOKENIZER_DIR)
-    if chat is not None:
-        (folder / CHAT).write_text(json.dumps(chat.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    for name, content in (extra or {}).items():
-        (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-    if meta is not None:  # with the size + sha256 of every file, as a training checkpoint has
-        meta = {**meta, "files": state.folder_digests(folder)}
-        (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: dict | None = None,
-               overwrite: bool = False, chat=None, extra: dict[str, dict] | None = None) -> Path:
-    """Save a model folder atomically (a temp folder renamed to out_dir only once complete)."""
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_model_files(model, tokenizer, tmp, meta, chat=chat, extra=extra)
-    return Path(out_dir)
+from scratchllm.weights.folder import (  # noqa: F401  (the writers, re-exported: callers import them from here)
+    CHAT,
+    CONFIG,
+    META,
+    TOKENIZER_DIR,
+    WEIGHTS,
+    check_vocab,
+    save_model,
+    write_model_files,
+)
 
 
 def resolve_model_dir(path: str | Path) -> Path:

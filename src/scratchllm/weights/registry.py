@@ -121,7 +121,7 @@ def describe(name: str) -> str:
 # --------------------------------------------------------------------------------------------- imports
 def _save_import(model, tokenizer, chat, dest: Path, source: dict) -> Path:
     """Write an imported model as our folder, atomically; a concurrent import that won is fine."""
-    from scratchllm.weights.checkpoint import save_model
+    from scratchllm.weights.folder import save_model
 
     record = {"format": FORMAT, "imported": time.strftime("%Y-%m-%dT%H:%M:%S"), **source}
     try:

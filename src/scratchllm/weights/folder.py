@@ -1,0 +1,63 @@
+"""Writing our model folders: the file names, and `save_model` / `write_model_files`.
+
+What it does: `save_model(model, tokenizer, out_dir, meta=None, chat=None, extra=None)` writes
+`model.safetensors` (the unwrapped module's weights: `_orig_mod.` / `module.` prefixes stripped, the
+tied head stored once; the rules are state.py's), `config.json` (ModelConfig.to_dict()), `tokenizer/`,
+and optionally `chat.json` (the chat format the model speaks, tokenizer/chat.py), more JSON files
+(`extra`, e.g. an import's `source.json`) and `meta.json` (with the size and sha256 of every file),
+through a temp folder renamed into place. `write_model_files` does the same into a folder the caller
+manages (the trainer's checkpoints use it).
+What it does not do: read folders back (checkpoint.py) or know where models come from (registry.py);
+it sits below both, so each can use it without an import cycle.
+
+    save_model(model, tok, "out/model", chat=FORMATS["chatml"])   # FORMATS: tokenizer/chat.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from scratchllm.common import ScratchError, atomic_dir
+from scratchllm.weights import state
+
+WEIGHTS, CONFIG, TOKENIZER_DIR, META = "model.safetensors", "config.json", "tokenizer", "meta.json"
+CHAT = "chat.json"  # the chat format a model speaks (tokenizer/chat.py ChatFormat.to_dict())
+
+
+def check_vocab(model, tokenizer, source: str) -> None:
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ScratchError(f"{source}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                           f"{model.config.vocab_size} embedding rows (vocab_size): they do not belong together")
+
+
+def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, meta: dict | None = None,
+                      chat=None, extra: dict[str, dict] | None = None) -> None:
+    """Write model.safetensors, config.json, tokenizer/ (and chat.json, the `extra` JSON files by
+    name, meta.json) into an existing folder."""
+    folder = Path(folder)
+    inner = state.unwrap_model(model)
+    check_vocab(inner, tokenizer, str(folder))
+    weights = {k: v.detach().cpu().contiguous() for k, v in state.state_to_save(model).items()}
+    save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / CONFIG).write_text(json.dumps(inner.config.to_dict(), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(folder / TOKENIZER_DIR)
+    if chat is not None:
+        (folder / CHAT).write_text(json.dumps(chat.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    for name, content in (extra or {}).items():
+        (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    if meta is not None:  # with the size + sha256 of every file, as a training checkpoint has
+        meta = {**meta, "files": state.folder_digests(folder)}
+        (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: dict | None = None,
+               overwrite: bool = False, chat=None, extra: dict[str, dict] | None = None) -> Path:
+    """Save a model folder atomically (a temp folder renamed to out_dir only once complete)."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_model_files(model, tokenizer, tmp, meta, chat=chat, extra=extra)
+    return Path(out_dir)
