@@ -106,3 +106,34 @@ def test_latest_pointer(tmp_path):
         resolve_latest(tmp_path, "meta.json")
     with pytest.raises(ValueError, match="inside the run folder"):
         write_latest(run, "a/b")
+
+
+def test_read_safetensors_into_equals_the_safetensors_library(tmp_path):
+    """Reading each tensor straight into its parameter gives the values safetensors' own load_file
+    gives, for fp32 and bf16 files, with a tied head; damaged files and misfits are clear errors."""
+    from safetensors.torch import load_file, save_file
+
+    from scratchllm.weights.state import empty_model, read_safetensors_into, state_to_save
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", vocab_size=300, n_layer=2, norm="rmsnorm", positions="rope", mlp="swiglu",
+                                  bias=False)
+    src = GPT(cfg)
+    for dtype in (torch.float32, torch.bfloat16):
+        path = tmp_path / f"{dtype}.safetensors"
+        save_file({k: v.to(dtype).contiguous() for k, v in state_to_save(src).items()}, str(path))
+        model = empty_model(cfg)
+        read_safetensors_into(model, path)
+        ref = load_file(str(path))
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, ref.get(k, ref["transformer.wte.weight"]).float()), k
+        assert model.lm_head.weight is model.transformer.wte.weight
+    data = path.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ScratchError, match="short.safetensors: tensor .* lies outside the file"):
+        read_safetensors_into(empty_model(cfg), tmp_path / "short.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ScratchError, match="junk.safetensors: cannot read safetensors file"):
+        read_safetensors_into(empty_model(cfg), tmp_path / "junk.safetensors")
+    with pytest.raises(ScratchError, match=r"missing keys \(.*\):\n    transformer\.h\.2\."):
+        read_safetensors_into(empty_model(ModelConfig(**{**cfg.to_dict(), "n_layer": 3})), path)

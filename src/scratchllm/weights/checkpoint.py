@@ -122,7 +122,7 @@ def open_model(path: str | Path, device="cpu") -> LoadedModel:
         if not (folder / WEIGHTS).is_file():
             raise ScratchError(f"{folder / WEIGHTS} is missing")
         model = state.empty_model(config, device)
-        state.load_state_dict_checked(model, state.read_safetensors(folder / WEIGHTS), str(folder / WEIGHTS))
+        state.read_safetensors_into(model, folder / WEIGHTS)
         model.eval()
         tokenizer = None
         if (folder / TOKENIZER_DIR).is_dir():

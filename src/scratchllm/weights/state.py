@@ -6,7 +6,8 @@ checkpoints in train/):
   wrappers; `tied_names` lists the parameters that alias an earlier one (a tied `lm_head.weight`),
   which are saved once, under the first name; `state_to_save` applies both to a state dict.
 - loading: `load_state_dict_checked` copies weights into a model, or raises one ScratchError that
-  lists every missing, unexpected and misshapen key; `empty_model` allocates a GPT to load into;
+  lists every missing, unexpected and misshapen key; `read_safetensors_into` does the same from a
+  safetensors file, reading each tensor straight into its parameter (no second copy of the weights); `empty_model` allocates a GPT to load into;
   `read_safetensors` reads a file with a clear error.
 - integrity: `listed_files` reads the `files` table of a checkpoint's meta.json (size + sha256 of every
   file; an empty table is an error), `verify_files` checks files against it (sizes always; hashes
@@ -133,6 +134,24 @@ def _listed(title: str, items: list[str], limit: int = 8) -> list[str]:
     return [f"  {title} ({len(items)}):", *(f"    {item}" for item in items[:limit]), *more]
 
 
+def _check_keys(inner: torch.nn.Module, shapes: dict[str, tuple], source: str,
+                expected: Iterable[str] | None) -> set[str]:
+    """The names to load from a state of {name: shape} (wrappers stripped, aliases dropped), or one
+    ScratchError naming every missing, unexpected and misshapen key."""
+    tied = tied_names(inner)
+    want_shapes = {k: tuple(v.shape) for k, v in inner.state_dict().items() if k not in tied}
+    want = set(want_shapes) if expected is None else {unwrap_key(k) for k in expected} - tied
+    missing = sorted(want - set(shapes))
+    unexpected = sorted(set(shapes) - want)
+    misshapen = [f"{k}: checkpoint {shapes[k]} vs model {want_shapes[k]}"
+                 for k in want_shapes if k in want and k in shapes and shapes[k] != want_shapes[k]]
+    problems = [line for title, items in (("shape mismatch", misshapen), ("missing keys", missing),
+                                          ("unexpected keys", unexpected)) if items for line in _listed(title, items)]
+    if problems:
+        raise ScratchError("\n".join([f"{source}: weights do not fit the model config:", *problems]))
+    return want
+
+
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
                             expected: Iterable[str] | None = None) -> None:
     """Copy `state` into `model` (values cast to the model's dtype and device), or raise one
@@ -144,19 +163,70 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     its trainable names)."""
     inner = unwrap_model(model)
     tied = tied_names(inner)
-    shapes = {k: tuple(v.shape) for k, v in inner.state_dict().items() if k not in tied}
-    want = set(shapes) if expected is None else {unwrap_key(k) for k in expected} - tied
     state = {unwrap_key(k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k not in tied}
-    missing = sorted(want - set(state))
-    unexpected = sorted(set(state) - want)
-    misshapen = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {shapes[k]}"
-                 for k in shapes if k in want and k in state and tuple(state[k].shape) != shapes[k]]
-    problems = [line for title, items in (("shape mismatch", misshapen), ("missing keys", missing),
-                                          ("unexpected keys", unexpected)) if items for line in _listed(title, items)]
-    if problems:
-        raise ScratchError("\n".join([f"{source}: weights do not fit the model config:", *problems]))
+    _check_keys(inner, {k: tuple(v.shape) for k, v in state.items()}, source, expected)
     inner.load_state_dict(state, strict=False)
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """{name: {"dtype", "shape", "data_offsets"}} of a safetensors file (8-byte little-endian header
+    length, then that many bytes of JSON, then the tensor bytes), each entry checked against the file
+    size; a damaged file is a ScratchError naming it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            size = path.stat().st_size
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise ScratchError(f"{path}: cannot read safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    data = size - 8 - n
+    for name, e in header.items():
+        ok = isinstance(e, dict) and isinstance(e.get("shape"), list) and isinstance(e.get("data_offsets"), list)
+        start, end = e["data_offsets"] if ok and len(e["data_offsets"]) == 2 else (-1, -1)
+        if not ok or not 0 <= start <= end <= data:
+            raise ScratchError(f"{path}: tensor {name!r} lies outside the file (truncated or damaged)")
+        e["start"] = 8 + n + start
+    return header
+
+
+def read_safetensors_into(model: torch.nn.Module, path: str | os.PathLike, source: str | None = None,
+                          expected: Iterable[str] | None = None) -> None:
+    """load_state_dict_checked(model, read_safetensors(path)), without a second copy of the weights:
+    every tensor's bytes are read straight into the model's own parameter (cast through one temporary
+    tensor when the file's dtype differs), so loading needs the model's memory and no more."""
+    source = source or str(path)
+    inner = unwrap_model(model)
+    header = {unwrap_key(k): v for k, v in safetensors_header(path).items()}
+    header = {k: v for k, v in header.items() if k not in tied_names(inner)}
+    want = _check_keys(inner, {k: tuple(v["shape"]) for k, v in header.items()}, source, expected)
+    params = inner.state_dict()  # tensors sharing the parameters' storage
+    with open(path, "rb") as f, torch.no_grad():
+        for name in sorted(want, key=lambda k: header[k]["start"]):
+            e, target = header[name], params[name]
+            dtype = SAFETENSORS_DTYPES.get(e["dtype"])
+            if dtype is None:
+                raise ScratchError(f"{source}: tensor {name!r} has dtype {e['dtype']}; model weights must be one of "
+                                   f"{', '.join(SAFETENSORS_DTYPES)}")
+            nbytes = e["data_offsets"][1] - e["data_offsets"][0]
+            if nbytes != target.numel() * dtype.itemsize:
+                raise ScratchError(f"{source}: tensor {name!r} holds {nbytes} bytes, not {target.numel()} "
+                                   f"{e['dtype']} values (a damaged file)")
+            f.seek(e["start"])
+            direct = target.dtype == dtype and target.device.type == "cpu" and target.is_contiguous()
+            buffer = target if direct else torch.empty(target.shape, dtype=dtype)
+            if nbytes and f.readinto(memoryview(buffer.view(torch.uint8).numpy()).cast("B")) != nbytes:
+                raise ScratchError(f"{source}: the file ends inside tensor {name!r} (truncated)")
+            if not direct:
+                target.copy_(buffer)
 
 
 # --------------------------------------------------------------------------------------------- integrity
