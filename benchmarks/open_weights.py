@@ -26,12 +26,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from _precision import choose_settings, print_skipped
-from generate import read_bandwidth
+from generate import best_time, read_bandwidth
 
 from scratchllm.infer.engine import Engine
 
@@ -89,15 +88,6 @@ def run_hf(model, prompt: list[int], n: int) -> list[int]:
         out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
     return out[0, len(prompt):].tolist()
-
-
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def load_pair(quick: bool, tmp: Path):

@@ -122,16 +122,6 @@ def run_template(template: str, messages, add_generation_prompt: bool, **extra) 
 
 
 @pytest.fixture(scope="session")
-def smol_meta(smollm2_metadata):
-    return smollm2_metadata
-
-
-@pytest.fixture(scope="session")
-def smol(smollm2_tokenizer):
-    return smollm2_tokenizer
-
-
-@pytest.fixture(scope="session")
 def smol_auto(smollm2_tokenizer_folders):
     """transformers' tokenizer for the folder with SmolLM2's own tokenizer.json and the GGUF's template."""
     from transformers import AutoTokenizer
@@ -140,8 +130,8 @@ def smol_auto(smollm2_tokenizer_folders):
 
 
 @pytest.fixture(scope="session")
-def smol_format(smol_meta):
-    return detect_chat_format(smol_meta["tokenizer.chat_template"], "SmolLM2.gguf")
+def smol_format(smollm2_metadata):
+    return detect_chat_format(smollm2_metadata["tokenizer.chat_template"], "SmolLM2.gguf")
 
 
 def hf_chat_ids(auto, messages, add_generation_prompt: bool, **kw) -> list[int]:
@@ -155,8 +145,8 @@ def test_detect_smollm2_from_gguf(smol_format):
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("gen", [True, False])
-def test_render_equals_apply_chat_template(smol, smol_auto, smol_format, messages, gen):
-    assert render(smol_format, messages, smol, add_generation_prompt=gen) == hf_chat_ids(smol_auto, messages, gen)
+def test_render_equals_apply_chat_template(smollm2_tokenizer, smol_auto, smol_format, messages, gen):
+    assert render(smol_format, messages, smollm2_tokenizer, add_generation_prompt=gen) == hf_chat_ids(smol_auto, messages, gen)
 
 
 @pytest.mark.parametrize("fmt", [CHATML, ChatFormat("chatml", "It's \"quoted\"\n{{ not jinja }} \\ end", stop=("<|im_end|>",)),
@@ -164,7 +154,7 @@ def test_render_equals_apply_chat_template(smol, smol_auto, smol_format, message
                                  ChatFormat("llama3", "  Be brief. ", "<|begin_of_text|>", LLAMA3.stop),
                                  ALPACA, ChatFormat("alpaca", None, stop=("<|endoftext|>",))],
                          ids=lambda f: f"{f.name}-{bool(f.system_prompt)}")
-def test_jinja_template_renders_render_text(fmt, smol, smol_auto):
+def test_jinja_template_renders_render_text(fmt, smollm2_tokenizer, smol_auto):
     template = jinja_template(fmt)
     assert detect_chat_format(template, "ours") == fmt  # and it reads back
     convs = [[{k: v for k, v in m.items()} for m in c] for c in CONVERSATIONS]
@@ -179,7 +169,7 @@ def test_jinja_template_renders_render_text(fmt, smol, smol_auto):
             assert smol_auto.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                  add_generation_prompt=gen) == want
             if fmt.name == "chatml":  # and the ids transformers makes of it are ours
-                assert hf_chat_ids(smol_auto, messages, gen, chat_template=template) == render(fmt, messages, smol, gen)
+                assert hf_chat_ids(smol_auto, messages, gen, chat_template=template) == render(fmt, messages, smollm2_tokenizer, gen)
 
 
 @pytest.mark.parametrize("template,fmt,extra", [
@@ -204,13 +194,13 @@ def test_unknown_templates():
         detect_chat_format(["a"], "x.gguf")
 
 
-def test_special_token_text_in_content_stays_text(smol, smol_auto, smol_format):
+def test_special_token_text_in_content_stays_text(smollm2_tokenizer, smol_auto, smol_format):
     """Our choice: a user typing <|im_end|> does not end the turn (HF would make it the special token)."""
     messages = [{"role": "user", "content": "a<|im_end|>b"}]
-    ours, hf = render(smol_format, messages, smol), hf_chat_ids(smol_auto, messages, True)
-    im_end = smol.special_tokens["<|im_end|>"]
+    ours, hf = render(smol_format, messages, smollm2_tokenizer), hf_chat_ids(smol_auto, messages, True)
+    im_end = smollm2_tokenizer.special_tokens["<|im_end|>"]
     assert ours.count(im_end) == hf.count(im_end) - 1 == 2  # (the system turn's and the user turn's)
-    assert smol.decode(ours) == render_text(smol_format, messages)
+    assert smollm2_tokenizer.decode(ours) == render_text(smol_format, messages)
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +208,8 @@ def gpt2(shared_data):
     return from_gpt2_files(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
 
 
-def test_stop_ids(smol, gpt2):
-    assert stop_ids(CHATML, smol) == [2] and stop_ids(ALPACA, smol) == [0] and stop_ids(LLAMA3, smol) == []
+def test_stop_ids(smollm2_tokenizer, gpt2):
+    assert stop_ids(CHATML, smollm2_tokenizer) == [2] and stop_ids(ALPACA, smollm2_tokenizer) == [0] and stop_ids(LLAMA3, smollm2_tokenizer) == []
     assert stop_ids(ALPACA, gpt2) == [50256] and stop_ids(CHATML, gpt2) == []
     with pytest.raises(ScratchError, match="chatml chat format needs the special token '<\\|im_start\\|>'"):
         render(CHATML, [{"role": "user", "content": "hi"}], gpt2)
@@ -262,7 +252,7 @@ def test_chat_json_round_trip_and_errors():
             ChatFormat.from_dict(d, "m/chat.json")
 
 
-def test_bad_messages(smol):
+def test_bad_messages(smollm2_tokenizer):
     cases = [(CHATML, [], "non-empty list"), (CHATML, "hi", "non-empty list"),
              (CHATML, [{"role": "user", "content": "a"}, "b"], "message 1: expected an object"),
              (CHATML, [{"role": "tool", "content": "a"}], "message 0: field 'role' is 'tool'; expected one of system"),
@@ -277,4 +267,4 @@ def test_bad_messages(smol):
              (ALPACA, [{"role": "system", "content": "s"}], "needs a user message")]
     for fmt, messages, message in cases:
         with pytest.raises(ScratchError, match=message):
-            render(fmt, messages, smol)
+            render(fmt, messages, smollm2_tokenizer)
