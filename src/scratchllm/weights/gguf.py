@@ -214,9 +214,11 @@ def load_gguf(path, device="cpu", progress: bool = True):
     from scratchllm.tokenizer.convert import tokenizer_from_gguf_metadata
 
     start = time.perf_counter()
+    head = read_gguf(path)  # the tokenizer first: a file whose tokenizer we refuse fails before any weight is read
+    tokenizer = tokenizer_from_gguf_metadata(head.metadata, str(head.path))
+    chat_format = detect_chat_format(head.metadata.get("tokenizer.chat_template"), str(head.path))
+    head.close()
     model, f = load_gguf_model(path, device, progress)
-    tokenizer = tokenizer_from_gguf_metadata(f.metadata, str(f.path))
-    chat_format = detect_chat_format(f.metadata.get("tokenizer.chat_template"), str(f.path))
     info = {**gguf_info(f), "seconds": round(time.perf_counter() - start, 3)}
     f.close()
     return model, tokenizer, chat_format, info
