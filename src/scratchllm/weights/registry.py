@@ -146,7 +146,7 @@ def import_gguf(path: str | Path, dest: str | Path | None = None, quiet: bool = 
     t0 = time.perf_counter()
     if not quiet:
         print(f"importing {path} (dequantizing to fp32; once, then cached in {dest})", file=sys.stderr)
-    model, tokenizer, chat, info = load_gguf(path)
+    model, tokenizer, chat, info = load_gguf(path, progress=not quiet)
     if chat is None:
         print(f"warning: {path}: its chat template is not one we know (we never run template code from a "
               "model file), so --chat needs --chat-format", file=sys.stderr)
