@@ -107,7 +107,7 @@ class PretrainConfig:
     input: list[str] = field(default_factory=list)  # or raw sources to prepare into OUT/shards first
     tokenizer: str = ""  # tokenizer folder or "gpt2" (needed with `input`; checked against shards)
     model_preset: str = ""  # start from scratch with this preset (tiny, small, gpt2, ...)
-    model: str = ""  # or continue from this checkpoint / run / Hugging Face GPT-2 folder
+    model: str = ""  # or continue from this checkpoint / run / HF folder / .gguf file / registry name
     out: str = ""  # run folder
     block_size: int = 0  # training context length; 0 = the model's
     fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP

@@ -3,7 +3,7 @@
 What it does: resolves the config (defaults < --config TOML < flags), checks the output folder (a
 folder holding another run is refused unless --resume or --overwrite), prepares shards first when
 given raw --input, builds the model (a preset from scratch, or continued from --model: a checkpoint,
-run or Hugging Face GPT-2 folder), checks that tokenizer, shards and model agree, writes the
+run or Hugging Face folder, a .gguf file or a registry name), checks that tokenizer, shards and model agree, writes the
 resolved `config.toml`, and trains with DDP (or FSDP2 with --fsdp) when launched by torchrun.
 --resume continues the run in --out (or the checkpoint / run folder given) exactly where it stopped,
 after checking that the config did not change in ways that would break it.
@@ -54,7 +54,7 @@ def load_data(cfg: PretrainConfig, out: Path, tokenizer):
 
 
 def load_start_model(path: str, block_size: int):
-    """(model, its tokenizer or None) from a checkpoint, run or Hugging Face GPT-2 folder."""
+    """(model, its tokenizer or None) of anything `--model` accepts (checkpoint, run, HF folder, .gguf, name)."""
     from scratchllm.weights.checkpoint import load_model
 
     model, tok = load_model(path)
