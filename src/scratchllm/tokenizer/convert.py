@@ -32,12 +32,11 @@ Where ours and the reference can still differ, by design:
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 from scratchllm.common import ScratchError, read_json
 from scratchllm.tokenizer.base import PATTERNS, bpe_encode_reference
-from scratchllm.tokenizer.gpt2 import bytes_to_unicode
+from scratchllm.tokenizer.gpt2 import printable, token_bytes
 from scratchllm.tokenizer.tokenizer import Tokenizer
 
 SUPPORTED = ("supported: byte-level BPE tokenizers (GPT-2, SmolLM2, Qwen2, Llama 3 style), i.e. a BPE model "
@@ -67,27 +66,6 @@ def _short(value, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def token_bytes(token: str) -> bytes | None:
-    """A token in GPT-2's printable-byte alphabet -> its bytes; None when it uses another character.
-
-    >>> token_bytes("Ġhello"), token_bytes("<0x0A>"), token_bytes("▁hi"), token_bytes("a b")
-    (b' hello', b'<0x0A>', None, None)
-    """
-    try:
-        return token.translate(_byte_table()).encode("latin-1")
-    except UnicodeEncodeError:  # a character outside the alphabet was left (or made) above U+00FF
-        return None
-
-
-@lru_cache(maxsize=1)
-def _byte_table() -> dict[int, str]:
-    """str.translate table: alphabet character -> chr(its byte); other Latin-1 characters -> U+FFFF
-    (so that they fail the latin-1 encoding, as characters above U+00FF do)."""
-    table = {c: "\uffff" for c in range(256)}
-    table.update({ord(ch): chr(b) for b, ch in bytes_to_unicode().items()})
-    return table
-
-
 def check_merges(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], ignore_merges: bool,
                  source: str) -> None:
     """Refuse a merge list that would not give tiktoken's ids for these ranks (ids taken as ranks).
@@ -113,10 +91,10 @@ def check_merges(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], ign
     for i, (a, b) in enumerate(merges):
         for part in (a, b, a + b):
             if part not in ranks:
-                raise ScratchError(f"{source}: merge {i} ({_show(a)} {_show(b)}) uses or builds {part!r}, which "
+                raise ScratchError(f"{source}: merge {i} ({printable(a)} {printable(b)}) uses or builds {part!r}, which "
                                    "is not a regular token of the vocabulary")
         if ranks[a + b] < last:
-            raise ScratchError(f"{source}: merge {i} ({_show(a)} {_show(b)}) builds id {ranks[a + b]} after an "
+            raise ScratchError(f"{source}: merge {i} ({printable(a)} {printable(b)}) builds id {ranks[a + b]} after an "
                                f"earlier merge built id {last}: the merge order disagrees with the id order, so "
                                "the ids are not tiktoken ranks")
         last = ranks[a + b]
@@ -129,7 +107,7 @@ def check_merges(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], ign
             if tuple(parts) not in listed:
                 raise ScratchError(f"{source}: token {t!r} (id {rank}) is built as {parts[0]!r} + {parts[1]!r} by "
                                    f"tiktoken's rule (the lowest id first), but the file has no merge "
-                                   f"'{_show(parts[0])} {_show(parts[1])}': its ids are not tiktoken ranks, so "
+                                   f"'{printable(parts[0])} {printable(parts[1])}': its ids are not tiktoken ranks, so "
                                    "scratchllm's encoding would differ")
             continue
         splits = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in ranks and t[k:] in ranks]
@@ -138,12 +116,6 @@ def check_merges(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], ign
                                f"(tiktoken's rule stops at {len(parts)} parts) and the file "
                                f"{'does not list all its splits as merges' if ignore_merges else 'does not set ignore_merges'}"
                                ": scratchllm's encoding would differ from the file's")
-
-
-def _show(b: bytes) -> str:
-    """Token bytes in GPT-2's printable alphabet, as merge lists write them: b' t' -> 'Ġt'."""
-    b2u = bytes_to_unicode()
-    return "".join(b2u[x] for x in b)
 
 
 def build_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], specials: dict[str, int],
@@ -364,4 +336,4 @@ def tokenizer_from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
 
 
 __all__ = ["GGUF_PRE", "check_merges", "pattern_from_pre_tokenizer", "tokenizer_from_gguf_metadata",
-           "tokenizer_from_hf_json", "token_bytes"]
+           "tokenizer_from_hf_json"]

@@ -45,11 +45,41 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
+@lru_cache(maxsize=1)
+def _byte_table() -> dict[int, str]:
+    """str.translate table: alphabet character -> chr(its byte); other Latin-1 characters -> U+FFFF
+    (so that they fail the latin-1 encoding, as characters above U+00FF do)."""
+    table = {c: "\uffff" for c in range(256)}
+    table.update({ord(ch): chr(b) for b, ch in bytes_to_unicode().items()})
+    return table
+
+
+def token_bytes(token: str) -> bytes | None:
+    """A token in GPT-2's printable-byte alphabet -> its bytes; None when it uses another character.
+
+    >>> token_bytes("Ġhello"), token_bytes("<0x0A>"), token_bytes("▁hi"), token_bytes("a b")
+    (b' hello', b'<0x0A>', None, None)
+    """
+    try:
+        return token.translate(_byte_table()).encode("latin-1")
+    except UnicodeEncodeError:  # a character outside the alphabet was left (or made) above U+00FF
+        return None
+
+
+def printable(b: bytes) -> str:
+    """Token bytes in GPT-2's printable alphabet, as vocab and merge files write them: b' t' -> 'Ġt'.
+
+    >>> printable(b" t")
+    'Ġt'
+    """
+    b2u = bytes_to_unicode()
+    return "".join(b2u[x] for x in b)
+
+
 def from_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenizer:
     """Build GPT-2's tokenizer from `encoder.json` (token string -> id) and `vocab.bpe` (the merges)."""
     encoder_json, vocab_bpe = Path(encoder_json), Path(vocab_bpe)
     encoder = read_json(encoder_json)
-    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     ranks, specials = {}, {}
     for token, idx in encoder.items():
         if not isinstance(idx, int) or isinstance(idx, bool):
@@ -58,11 +88,11 @@ def from_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenize
         if token == EOT:
             specials[token] = idx
             continue
-        try:
-            ranks[bytes(byte_of[ch] for ch in token)] = idx
-        except KeyError:
+        b = token_bytes(token)
+        if b is None:
             raise ScratchError(f"{encoder_json}: token {token!r} uses a character outside GPT-2's byte "
-                               "alphabet (is this really a GPT-2 encoder.json?)") from None
+                               "alphabet (is this really a GPT-2 encoder.json?)")
+        ranks[b] = idx
     try:
         lines = vocab_bpe.read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -75,11 +105,10 @@ def from_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenize
         parts = line.split()
         if len(parts) != 2:
             raise ScratchError(f"{vocab_bpe}: merge {i + 1} is not two tokens: {line!r}")
-        try:
-            merged = bytes(byte_of[ch] for ch in parts[0] + parts[1])
-        except KeyError:
+        merged = token_bytes(parts[0] + parts[1])
+        if merged is None:
             raise ScratchError(f"{vocab_bpe}: merge {i + 1} ({line!r}) uses a character outside GPT-2's byte "
-                               "alphabet (is this really a GPT-2 vocab.bpe?)") from None
+                               "alphabet (is this really a GPT-2 vocab.bpe?)")
         if ranks.get(merged) != 256 + i:
             raise ScratchError(f"{vocab_bpe}: merge {i + 1} ({line!r}) does not match {encoder_json.name} "
                                f"(expected rank {256 + i}, found {ranks.get(merged)}); the files do not belong together")

@@ -173,12 +173,7 @@ def hf_vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[str]]:
     >>> vocab["Ġthe"], merges[0]
     (262, 'Ġ t')
     """
-    from scratchllm.tokenizer.gpt2 import bytes_to_unicode
-
-    b2u = bytes_to_unicode()
-
-    def printable(b: bytes) -> str:
-        return "".join(b2u[x] for x in b)
+    from scratchllm.tokenizer.gpt2 import printable
 
     vocab = {printable(t): i for t, i in tokenizer.mergeable_ranks.items()}
     vocab.update(tokenizer.special_tokens)
@@ -229,7 +224,7 @@ def _gpt2_vocab_tokenizer(folder: Path):
     its tokenizer.json when present (GPT-2's pattern otherwise)."""
     from scratchllm.tokenizer import Tokenizer
     from scratchllm.tokenizer.base import PATTERNS
-    from scratchllm.tokenizer.gpt2 import bytes_to_unicode
+    from scratchllm.tokenizer.gpt2 import token_bytes
 
     vocab = read_json(folder / "vocab.json")
     specials, pattern = {}, PATTERNS["gpt2"]
@@ -241,16 +236,15 @@ def _gpt2_vocab_tokenizer(folder: Path):
                 pattern = step["pattern"]["Regex"]
     elif "<|endoftext|>" in vocab:
         specials = {"<|endoftext|>": vocab["<|endoftext|>"]}
-    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     ranks = {}
     for token, idx in vocab.items():
         if token in specials:
             continue
-        try:
-            ranks[bytes(byte_of[ch] for ch in token)] = idx
-        except KeyError:
+        b = token_bytes(token)
+        if b is None:
             raise ScratchError(f"{folder / 'vocab.json'}: token {token!r} is not in GPT-2's byte alphabet "
-                               "(not a byte-level BPE vocabulary)") from None
+                               "(not a byte-level BPE vocabulary)")
+        ranks[b] = idx
     return Tokenizer(ranks, pattern, specials, name=folder.name)
 
 
