@@ -5,11 +5,12 @@ What it does: loads anything `--model` accepts (our folder, a run folder, a Hugg
 `open_model`, casts it to the chosen precision, and prints the prompt followed by its continuation,
 streamed as it is produced with --stream. `--chat MESSAGE` instead renders a one-turn conversation
 (`--system` replaces the model's default system prompt) in the model's chat format (its chat.json,
-or `--chat-format`), streams only the answer, and stops at the format's end-of-turn token. The model's `<|endoftext|>` token stops generation unless
---ignore-eot is given. `--tokenizer` replaces the model's own tokenizer; when their fingerprints
-differ a warning says so (the ids then stand for other text). Stop strings accept the escapes \\n, \\t and \\\\. A summary (tokens, seconds,
-tokens/s) goes to stderr.
-What it does not do: chat templates or serving (see serve/).
+or `--chat-format`), streams only the answer, and stops at the format's end-of-turn token. The
+model's `<|endoftext|>` token stops generation unless --ignore-eot is given. `--tokenizer` replaces
+the model's own tokenizer; when their fingerprints differ a warning says so (the ids then stand for
+other text). Stop strings accept the escapes \\n, \\t and \\\\. A summary (tokens, seconds, tokens/s)
+goes to stderr.
+What it does not do: define chat formats (tokenizer/chat.py) or serve (serve/).
 
     scratchllm generate --model runs/demo/run --prompt "Once upon a time" --max-new-tokens 50 --stream
     scratchllm generate --model smollm2-135m-instruct --chat "What is the capital of France?"

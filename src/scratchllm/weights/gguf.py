@@ -173,9 +173,10 @@ def _check_tensors(f: GGUFFile, plan: dict[str, Target], params: dict, arch: str
 
 
 def load_gguf_model(path, device="cpu", progress: bool = True) -> tuple[GPT, GGUFFile]:
-    """Our GPT (fp32, eval mode, on `device`) with the weights of the GGUF file `path`, and the parsed
-    file (call its .close() when done). `progress`: a progress line on stderr when loading is slow."""
-    f = read_gguf(path)
+    """Our GPT (fp32, eval mode, on `device`) with the weights of the GGUF file `path` (or of a GGUFFile
+    already read), and the parsed file (call its .close() when done). `progress`: a progress line on
+    stderr when loading is slow."""
+    f = path if isinstance(path, GGUFFile) else read_gguf(path)
     arch = f.metadata.get("general.architecture")
     config = config_from_gguf(f.metadata, str(f.path), f.tensors)
     plan = tensor_plan(config, arch)
@@ -214,11 +215,10 @@ def load_gguf(path, device="cpu", progress: bool = True):
     from scratchllm.tokenizer.convert import tokenizer_from_gguf_metadata
 
     start = time.perf_counter()
-    head = read_gguf(path)  # the tokenizer first: a file whose tokenizer we refuse fails before any weight is read
-    tokenizer = tokenizer_from_gguf_metadata(head.metadata, str(head.path))
-    chat_format = detect_chat_format(head.metadata.get("tokenizer.chat_template"), str(head.path))
-    head.close()
-    model, f = load_gguf_model(path, device, progress)
+    f = read_gguf(path)  # the tokenizer first: a file whose tokenizer we refuse fails before any weight is read
+    tokenizer = tokenizer_from_gguf_metadata(f.metadata, str(f.path))
+    chat_format = detect_chat_format(f.metadata.get("tokenizer.chat_template"), str(f.path))
+    model, f = load_gguf_model(f, device, progress)
     info = {**gguf_info(f), "seconds": round(time.perf_counter() - start, 3)}
     f.close()
     return model, tokenizer, chat_format, info

@@ -30,7 +30,7 @@ import torch
 
 from scratchllm.common import ScratchError, read_json
 from scratchllm.model import ModelConfig
-from scratchllm.weights.state import tied_names
+from scratchllm.weights.state import listed, tied_names
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -263,11 +263,6 @@ def _ignorable(key: str, cfg: ModelConfig) -> bool:
     return key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_embeddings)
 
 
-def _lines(title: str, items: list[str], limit: int = 8) -> list[str]:
-    more = [f"    ... and {len(items) - limit} more"] if len(items) > limit else []
-    return [f"  {title} ({len(items)}):", *(f"    {x}" for x in items[:limit]), *more]
-
-
 def _by_shard(keys, files: dict[str, Path]) -> dict[Path, list[str]]:
     """{file: [its keys]}, the files in first-seen order."""
     shards: dict[Path, list[str]] = {}
@@ -308,7 +303,7 @@ def load_llama_weights(model, files: dict[str, Path], listing: str) -> None:
     absent, bad = _header_problems(shards, needed, state)
     problems = [line for title, items in (("shape or dtype mismatch", bad), ("missing keys", missing),
                                           ("listed in the index but absent from the shard", absent),
-                                          ("unexpected keys", unexpected)) if items for line in _lines(title, items)]
+                                          ("unexpected keys", unexpected)) if items for line in listed(title, items)]
     if problems:
         raise ScratchError("\n".join([f"{listing}: weights do not fit the model config:", *problems]))
     with torch.no_grad():

@@ -124,10 +124,10 @@ def config_from_file(build: Callable[[], object], source: str):
         raise ScratchError(f"{source}: a value of the wrong kind ({e})") from None
 
 
-def _listed(title: str, items: list[str], limit: int = 8) -> list[str]:
+def listed(title: str, items: list[str], limit: int = 8) -> list[str]:
     """One line per item under a title line, cut after `limit` items.
 
-    >>> _listed("missing keys", ["a", "b", "c"], limit=2)
+    >>> listed("missing keys", ["a", "b", "c"], limit=2)
     ['  missing keys (3):', '    a', '    b', '    ... and 1 more']
     """
     more = [f"    ... and {len(items) - limit} more"] if len(items) > limit else []
@@ -146,7 +146,7 @@ def _check_keys(inner: torch.nn.Module, shapes: dict[str, tuple], source: str,
     misshapen = [f"{k}: checkpoint {shapes[k]} vs model {want_shapes[k]}"
                  for k in want_shapes if k in want and k in shapes and shapes[k] != want_shapes[k]]
     problems = [line for title, items in (("shape mismatch", misshapen), ("missing keys", missing),
-                                          ("unexpected keys", unexpected)) if items for line in _listed(title, items)]
+                                          ("unexpected keys", unexpected)) if items for line in listed(title, items)]
     if problems:
         raise ScratchError("\n".join([f"{source}: weights do not fit the model config:", *problems]))
     return want
