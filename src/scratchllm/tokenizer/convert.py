@@ -332,7 +332,10 @@ def tokenizer_from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
             raise ScratchError(f"{source}: metadata 'tokenizer.ggml.merges' entry {i} is {_short(m)}, not 'left right'")
         pairs.append((parts[0], parts[1]))
     name = meta.get("general.name") if isinstance(meta.get("general.name"), str) else Path(source).stem
-    return build_tokenizer(vocab, pairs, specials, pattern, ignore_merges, name, source)
+    tok = build_tokenizer(vocab, pairs, specials, pattern, ignore_merges, name, source)
+    pad = meta.get("tokenizer.ggml.padding_token_id")
+    tok.pad_token = next((t for t, i in specials.items() if i == pad), None)  # a regular token id: no pad token
+    return tok
 
 
 __all__ = ["GGUF_PRE", "check_merges", "pattern_from_pre_tokenizer", "tokenizer_from_gguf_metadata",

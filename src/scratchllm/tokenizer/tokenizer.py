@@ -11,10 +11,15 @@ no token for 21 bytes, such as 0x04 and 0xF5..0xFF). tiktoken needs every byte, 
 built with `absent_bytes=[...]`: those bytes get internal ids after the vocabulary, and encoding drops
 them, as Hugging Face tokenizers and llama.cpp do. They never show up in ids, `vocab_size` or the ranks.
 
+Padding: `pad_token` (a special token; a converted tokenizer takes it from tokenizer_config.json or
+GGUF's `tokenizer.ggml.padding_token_id`) and `padding_side` ("right" unless the source says "left")
+tell batching code how to pad; `pad_id` falls back to <|endoftext|>, the book's choice for GPT-2,
+which has no pad token. Neither changes how text encodes (nor the fingerprint).
+
 A tokenizer folder (see `save`/`load`) holds:
   ranks.tiktoken   one `base64(token bytes) rank` per line, tiktoken's format
   tokenizer.json   format version, name, split pattern, special tokens, vocab size, sha256 of the ranks
-                   (and the absent bytes, if any)
+                   (and the absent bytes, the pad token and the padding side, if any)
   vocab.txt        human-readable dump: id, token text, and the two parts it was merged from
 
     >>> tok = Tokenizer.load("tok/")              # or load_tokenizer("gpt2")
@@ -85,7 +90,7 @@ class Tokenizer:
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str,
                  special_tokens: dict[str, int] | None = None, name: str = "scratchllm",
-                 absent_bytes: Iterable[int] = ()):
+                 absent_bytes: Iterable[int] = (), pad_token: str | None = None, padding_side: str = "right"):
         if not isinstance(mergeable_ranks, Mapping):
             raise ScratchError(f"ranks must be a {{token bytes: rank}} mapping, got a {type(mergeable_ranks).__name__}")
         if special_tokens is not None and not isinstance(special_tokens, Mapping):
@@ -101,6 +106,7 @@ class Tokenizer:
         self.absent_bytes = sorted(set(absent_bytes))  # single bytes with no token: dropped by encode
         self.pattern = PATTERNS.get(pattern, pattern)  # a pattern name or the regex itself
         self.name = name
+        self.pad_token, self.padding_side = pad_token, padding_side
         self._check()
         self._build()
 
@@ -139,6 +145,11 @@ class Tokenizer:
             raise ScratchError(f"special token ids {sorted(clash)[:5]} collide with regular token ids")
         if len(set(self.special_tokens.values())) != len(self.special_tokens):
             raise ScratchError("two special tokens share one id")
+        if self.pad_token is not None and self.pad_token not in self.special_tokens:
+            raise ScratchError(f"pad token {self.pad_token!r} is not one of the special tokens "
+                               f"({', '.join(sorted(self.special_tokens)) or 'none'})")
+        if self.padding_side not in ("left", "right"):
+            raise ScratchError(f"padding side {self.padding_side!r}: expected 'left' or 'right'")
         try:
             compiled = regex.compile(self.pattern)
         except regex.error as e:
@@ -181,6 +192,11 @@ class Tokenizer:
     def eot_token(self) -> int | None:
         """The id of <|endoftext|>, or None when this tokenizer has no such special token."""
         return self.special_tokens.get(EOT)
+
+    @property
+    def pad_id(self) -> int | None:
+        """The id batches are padded with: the pad token's, else <|endoftext|>'s, else None."""
+        return self.special_tokens[self.pad_token] if self.pad_token is not None else self.eot_token
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the ranks, pattern and special tokens: equal fingerprints encode alike."""
@@ -319,6 +335,10 @@ class Tokenizer:
         }
         if self.absent_bytes:
             meta["absent_bytes"] = self.absent_bytes
+        if self.pad_token is not None:
+            meta["pad_token"] = self.pad_token
+        if self.padding_side != "right":
+            meta["padding_side"] = self.padding_side
         with atomic_dir(directory, overwrite=overwrite) as tmp:
             (tmp / "ranks.tiktoken").write_text(ranks_text)
             (tmp / "tokenizer.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
@@ -353,7 +373,10 @@ class Tokenizer:
                                 ("vocab_size", "an integer", _is_id(meta["vocab_size"])),
                                 ("num_ranks", "an integer", _is_id(meta.get("num_ranks", 0))),
                                 ("absent_bytes", "a list of byte values",
-                                 isinstance(meta.get("absent_bytes", []), list))]:
+                                 isinstance(meta.get("absent_bytes", []), list)),
+                                ("pad_token", "a special token", isinstance(meta.get("pad_token", ""), str)),
+                                ("padding_side", '"left" or "right"',
+                                 meta.get("padding_side", "right") in ("left", "right"))]:
             if not ok:
                 raise ScratchError(f"{meta_path}: field {field!r} must be {kind}, got {meta[field]!r:.80}; {fix}")
         ranks_path = directory / "ranks.tiktoken"
@@ -372,7 +395,8 @@ class Tokenizer:
                                f"{len(ranks)} ranks; {fix}")
         try:
             tok = cls(ranks, meta["pattern"], meta["special_tokens"], name=meta.get("name", directory.name),
-                      absent_bytes=meta.get("absent_bytes", []))
+                      absent_bytes=meta.get("absent_bytes", []), pad_token=meta.get("pad_token"),
+                      padding_side=meta.get("padding_side", "right"))
         except ScratchError as e:  # ranks and specials are checked together: name both files
             raise ScratchError(f"{meta_path} + {ranks_path.name}: {e}; {fix}") from None
         if meta["vocab_size"] != tok.vocab_size:

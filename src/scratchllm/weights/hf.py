@@ -207,16 +207,30 @@ def load_hf_tokenizer(folder: str | Path):
     config = folder / "config.json"
     model_type = read_json(config).get("model_type", "gpt2") if config.is_file() else "gpt2"
     if model_type == "gpt2" and (folder / "vocab.json").is_file():
-        return _gpt2_vocab_tokenizer(folder)
+        return _with_padding(_gpt2_vocab_tokenizer(folder), folder)
     if (folder / "tokenizer.json").is_file():
         from scratchllm.tokenizer.convert import tokenizer_from_hf_json
 
-        return tokenizer_from_hf_json(folder / "tokenizer.json")
+        return _with_padding(tokenizer_from_hf_json(folder / "tokenizer.json"), folder)
     others = [n for n in ("tokenizer.model", "vocab.json") if (folder / n).is_file()]
     if others:
         raise ScratchError(f"{folder}: has {', '.join(others)} but no tokenizer.json; only a tokenizer.json "
                            "(or a GPT-2 folder's vocab.json) can be read")
     return None
+
+
+def _with_padding(tok, folder: Path):
+    """The pad token and padding side of tokenizer_config.json (`pad_token`: a string or an
+    {"content": ...} object), when it names one of the tokenizer's special tokens."""
+    path = folder / "tokenizer_config.json"
+    config = read_json(path) if path.is_file() else {}
+    pad = config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if isinstance(pad, str) and pad in tok.special_tokens:
+        tok.pad_token = pad
+    if config.get("padding_side") in ("left", "right"):
+        tok.padding_side = config["padding_side"]
+    return tok
 
 
 def _gpt2_vocab_tokenizer(folder: Path):
@@ -303,8 +317,11 @@ def _write_tokenizer(tmp: Path, tokenizer, gpt2: bool, block_size: int, template
     (tmp / "tokenizer.json").write_text(_fast_tokenizer_json(tokenizer, vocab, merges), encoding="utf-8")
     eot_text = "<|endoftext|>" if tokenizer.eot_token is not None else None
     specials = {"bos_token": eot_text, "eos_token": eot_text, **({"unk_token": eot_text} if gpt2 else {})}
+    if tokenizer.pad_token is not None:
+        specials["pad_token"] = tokenizer.pad_token
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-                  "add_prefix_space": False, "add_bos_token": False, **specials}
+                  "add_prefix_space": False, "add_bos_token": False, "padding_side": tokenizer.padding_side,
+                  **specials}
     if template is not None:
         tok_config["chat_template"] = template
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n",
