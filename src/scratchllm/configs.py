@@ -28,6 +28,8 @@ from typing import Any
 from scratchllm.common import ScratchError
 
 SCHEDULES = ("cosine", "linear", "constant")
+TRAINABLE = ("head", "last-block", "all", "lora")  # what a classifier trains (model/heads.set_trainable)
+LORA_TARGETS = ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # every Linear of every block (model/lora.py)
 
 
 @dataclass
@@ -115,11 +117,19 @@ class PretrainConfig:
     stride: int = 0  # sliding windows start every `stride` tokens; 0 = block_size (no overlap)
     eval_train: bool = False  # also evaluate on training windows at each evaluation (the book's train curve)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields for a preset
+    lora_rank: int = 0  # with --model: train LoRA adapters of this rank instead of every weight; 0 = off
+    lora_alpha: float = 16.0  # the adapters' scale alpha (the update is alpha / r * B A)
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # Linear names to adapt
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = from_dict(TrainConfig, self.train, "train")
+        if self.lora_rank < 0 or (self.lora_rank and not self.model):
+            raise ScratchError(f"--lora-rank {self.lora_rank}: LoRA adapts a pretrained --model (rank >= 1)")
+        if self.lora_rank and ("lm_head" in self.lora_targets or not self.lora_alpha > 0):
+            raise ScratchError("pretrain LoRA: alpha must be > 0 and lm_head cannot be a target (the loss reads its "
+                               "weight directly)")
         if bool(self.data) == bool(self.input):
             raise ScratchError("give exactly one of --data SHARDS_DIR or --input SRC... (with --tokenizer)")
         if self.input and not self.tokenizer:
@@ -137,6 +147,72 @@ class PretrainConfig:
             raise ScratchError(f"sampler {self.sampler!r}: expected random or sliding")
         if self.stride < 0 or (self.stride and self.sampler != "sliding"):
             raise ScratchError(f"stride {self.stride}: give a stride >= 1 only with --sampler sliding")
+
+
+def classify_train_defaults() -> TrainConfig:
+    """The book's chapter 6 settings: AdamW lr 5e-5, weight decay 0.1, batch 8, 5 epochs, constant lr;
+    evaluations (eval_every 0) at each epoch's end, over the whole validation set; the best model by
+    validation accuracy."""
+    return TrainConfig(epochs=5, batch_size=8, lr=5e-5, min_lr=0.0, warmup_steps=0, schedule="constant",
+                       weight_decay=0.1, eval_every=0, eval_batches=0, best_metric="accuracy", best_mode="max",
+                       checkpoint_every=0)
+
+
+@dataclass
+class ClassifyConfig:
+    """`scratchllm classify train`: a pretrained model + labelled texts -> a classifier."""
+
+    model: str = ""  # the pretrained backbone: run / HF folder, .gguf file or registry name
+    data: str = ""  # labelled texts: .tsv/.csv (label, text), .jsonl, or data:NAME (data:sms-spam)
+    val_data: str = ""  # separate validation file (with test_data: no split of `data`)
+    test_data: str = ""  # separate test file
+    text_field: str = "text"  # JSONL field / CSV/TSV header column of the text
+    label_field: str = "label"  # ... and of the label
+    balance: bool = False  # undersample every class to the smallest one (the book: 747 spam + 747 ham)
+    split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test fractions of `data`
+    max_length: int = 0  # tokens per text, longer ones truncated; 0 = the model's block_size
+    truncate: str = "right"  # which end a long text loses: right (keep the start) or left (keep the end)
+    pool: str = "last"  # the hidden state classified: last real token, or mean over tokens
+    trainable: str = "last-block"  # head | last-block | all | lora (`--train`)
+    train_blocks: int = 1  # with last-block: how many of the last blocks train (with the final norm)
+    lora_rank: int = 16  # with lora: adapter rank r
+    lora_alpha: float = 16.0  # ... scale alpha (the update is alpha / r * B A)
+    lora_dropout: float = 0.0  # ... dropout on the adapter's input
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # Linear names to adapt
+    out: str = ""  # run folder
+    train: TrainConfig = field(default_factory=classify_train_defaults)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = from_dict(TrainConfig, _merge(to_dict(classify_train_defaults()), self.train), "train")
+        if not self.model:
+            raise ScratchError("--model is required: the pretrained model to fine-tune (e.g. smollm2-135m-instruct)")
+        if not self.data:
+            raise ScratchError("--data FILE is required (labelled texts: .tsv, .csv, .jsonl or data:sms-spam)")
+        if bool(self.val_data) != bool(self.test_data):
+            raise ScratchError("give both --val-data and --test-data, or neither (then --split divides --data)")
+        if not self.out:
+            raise ScratchError("--out RUN_DIR is required")
+        if self.trainable not in TRAINABLE:
+            raise ScratchError(f"--train {self.trainable!r}: expected one of {', '.join(TRAINABLE)}")
+        if len(self.split) != 3 or any(not isinstance(f, int | float) or f < 0 for f in self.split) \
+                or abs(sum(self.split) - 1) > 1e-6:
+            raise ScratchError(f"--split {' '.join(map(str, self.split))}: give three fractions train val test, each "
+                               ">= 0, summing to 1 (e.g. 0.7 0.1 0.2)")
+        if self.truncate not in ("left", "right"):
+            raise ScratchError(f"--truncate {self.truncate!r}: expected left or right")
+        if self.pool not in ("last", "mean"):
+            raise ScratchError(f"--pool {self.pool!r}: expected last or mean")
+        for name in ("max_length",):
+            if getattr(self, name) < 0:
+                raise ScratchError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.train_blocks < 1:
+            raise ScratchError(f"--train-blocks must be >= 1 (got {self.train_blocks})")
+        if self.lora_rank < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
+            raise ScratchError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1 (got rank {self.lora_rank}, "
+                               f"alpha {self.lora_alpha}, dropout {self.lora_dropout})")
+        if not self.lora_targets:
+            raise ScratchError("lora_targets is empty: name the Linear layers to adapt (e.g. c_attn)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,11 +249,15 @@ def from_dict(cls, d: dict, where: str = ""):
         raise ScratchError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
                            f"known keys: {', '.join(sorted(names))}")
     kwargs = {}
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                 if f.default_factory is not dataclasses.MISSING}
     for k, v in d.items():
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
                 raise ScratchError(f"{prefix}{k}: expected a table [{prefix}{k}], got {v!r}")
+            if k in factories:  # a stage's own defaults (classify's TrainConfig), then what is given
+                v = _merge(to_dict(factories[k]()), v)
             kwargs[k] = from_dict(tp, v, prefix + k)
         else:
             kwargs[k] = _check_type(v, tp, prefix + k)

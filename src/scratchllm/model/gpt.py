@@ -254,6 +254,11 @@ class GPT(nn.Module):
                                attention_mask=attention_mask)  # (B, T, n_embd)
         if targets is None:
             return self.lm_head(h)  # (B, T, vocab_size)
+        if type(self.lm_head) is not nn.Linear:  # a wrapped head (a LoRA adapter): its own forward
+            logits = self.lm_head(h).float()  # (B, T, vocab_size)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                                   reduction=reduction)
+            return None, loss.view(targets.shape) if reduction == "none" else loss
         loss = linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                     reduction=reduction)  # (B*T, n_embd) against (B*T,)
         if reduction == "none":
