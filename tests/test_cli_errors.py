@@ -27,6 +27,7 @@ TOK, RUN, SHARDS = "{w}/tok", "{w}/run", "{w}/shards"
 GEN = "generate --prompt hi --max-new-tokens 2 --device cpu"
 CHAT = "generate --chat hi --max-new-tokens 2 --device cpu"
 PRE = f"pretrain --data {SHARDS} --model-preset tiny --max-steps 1 --device cpu --no-compile"
+CLS = "classify train --model {w}/run --out {w}/c --device cpu --no-compile --data"
 CASES = {
     ("tokenizer", "train"): [
         ("missing input", "tokenizer train --input {w}/nope.txt --vocab-size 300 --out {w}/o", "nope.txt"),
@@ -129,7 +130,47 @@ CASES = {
         ("resume a folder with no run", f"{PRE} --out . --resume", "no run to resume"),
         ("overwrite the current folder", f"{PRE} --out . --overwrite", "current folder"),
     ],
+    ("classify", "train"): [
+        ("missing data", f"{CLS} {{w}}/nope.tsv", "nope.tsv"),
+        ("one class only", f"{CLS} {{w}}/oneclass.tsv", "oneclass.tsv: the label column holds one class only"),
+        ("empty text", f"{CLS} {{w}}/emptytext.tsv", "emptytext.tsv:3: empty text"),
+        ("mixed delimiters", f"{CLS} {{w}}/mixed.tsv", "mixed.tsv:3: no TAB"),
+        ("more than 2**16 classes", f"{CLS} {{w}}/manyclasses.tsv", "manyclasses.tsv: 65537 distinct labels"),
+        ("split not summing to 1", f"{CLS} {{w}}/toy.tsv --split 0.5 0.2 0.2", "--split 0.5 0.2 0.2"),
+        ("unknown --train", f"{CLS} {{w}}/toy.tsv --train everything", "'everything'"),
+        ("--val-data without --test-data", f"{CLS} {{w}}/toy.tsv --val-data {{w}}/toy.tsv", "--test-data"),
+        ("val label absent from train", f"{CLS} {{w}}/toy.tsv --val-data {{w}}/val_extra.tsv --test-data {{w}}/toy.tsv",
+         "val_extra.tsv:2: the val split holds label 'eggs'"),
+        ("batch larger than the training split", f"{CLS} {{w}}/toy.tsv --batch-size 64 --out {{w}}/c_batch",
+         "28 training examples"),
+        ("--train-blocks past the model's", f"{CLS} {{w}}/toy.tsv --train-blocks 3", "--train-blocks 3"),
+        ("--model is a classifier", "classify train --model {w}/clf --out {w}/c --data {w}/toy.tsv",
+         "is a text classifier"),
+    ],
+    ("classify", "eval"): [
+        ("missing run", "classify eval --model {w}/nope", "nope"),
+        ("a language model run", "classify eval --model {w}/run", "run/step_0000001 holds no classifier.json"),
+        ("tokenizer deleted", "classify eval --model {w}/clf_notok", "clf_notok/best/tokenizer"),
+        ("no test.jsonl beside it", "classify eval --model {w}/clf", "pass --data FILE"),
+        ("a label it never learned", "classify eval --model {w}/clf --data {w}/val_extra.tsv", "eggs"),
+        ("missing --data", "classify eval --model {w}/clf --data {w}/nope.tsv", "nope.tsv"),
+    ],
+    ("classify", "predict"): [
+        ("tokenizer deleted", "classify predict --model {w}/clf_notok hi", "clf_notok/best/tokenizer"),
+        ("damaged classifier.json", "classify predict --model {w}/clf_badspec hi", "clf_badspec/best/classifier.json"),
+        ("texts and --file", "classify predict --model {w}/clf hi --file {w}/text.txt", "not both"),
+        ("no texts", "classify predict --model {w}/clf", "--file FILE"),
+        ("missing --file", "classify predict --model {w}/clf --file {w}/nope.txt", "nope.txt"),
+        ("--file not UTF-8", "classify predict --model {w}/clf --file {w}/bad.bin", "bad.bin"),
+        ("batch size 0", "classify predict --model {w}/clf --batch-size 0 hi", "--batch-size"),
+    ],
+    ("merge",): [
+        ("not a LoRA run", "merge --model {w}/run --out {w}/m", "holds no adapter.json"),
+        ("missing model", "merge --model {w}/nope --out {w}/m", "nope"),
+        ("out exists", "merge --model {w}/clf --out {w}/file.txt", "file.txt exists"),
+    ],
     ("generate",): [
+        ("a classifier run", f"{GEN} --model {{w}}/clf", "is a text classifier"),
         ("missing model", f"{GEN} --model {{w}}/nope", "nope"),
         ("model is a file", f"{GEN} --model {{w}}/file.txt", "file.txt"),
         ("folder that is no model", f"{GEN} --model {{w}}/emptydir", "emptydir"),
@@ -233,6 +274,7 @@ def world(tmp_path_factory):
         (c / "meta.json").unlink()
         return c
 
+    classify_inputs(w, model, tok)
     broken("corrupt", flip)
     broken("emptyfiles", lambda c: edit_json(c / "meta.json", lambda m: {**m, "files": {}}))
     broken("garbage", lambda c: (unchecked(c) / "model.safetensors").write_bytes(b"garbage" * 10))
@@ -265,6 +307,37 @@ def world(tmp_path_factory):
     index = {"metadata": {}, "weight_map": {k: shards[i % 2] for i, k in enumerate(names)}}
     (w / "hfshard" / "model.safetensors.index.json").write_text(json.dumps(index))
     return w
+
+
+def classify_inputs(w, model, tok):
+    """Labelled files (a good one, broken ones) and `clf`: a classify run folder of `model` under a random
+    2-class head, its best/ holding every tensor (no training needed), plus copies with damage."""
+    from safetensors.torch import save_file
+
+    from scratchllm.infer.classifier import ClassifierSpec
+    from scratchllm.model.heads import SequenceClassifier
+    from scratchllm.weights.state import state_to_save
+
+    (w / "toy.tsv").write_text("".join(f"{'spam' if i % 2 else 'ham'}\tsome words {i}\n" for i in range(40)))
+    (w / "oneclass.tsv").write_text("ham\thello\nham\tthere\n")
+    (w / "emptytext.tsv").write_text("ham\thello\nspam\tbuy\nham\t   \n")
+    (w / "mixed.tsv").write_text("ham\thello\nspam\tbuy\nham,see you\n")
+    (w / "manyclasses.tsv").write_text("".join(f"c{i}\ttext {i}\n" for i in range(2**16 + 1)))
+    (w / "val_extra.tsv").write_text("ham\thello\neggs\tbacon\n")
+    clf = SequenceClassifier(model, 2)
+
+    def write(folder):
+        save_file({k: v.contiguous() for k, v in state_to_save(clf).items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+        tok.save(folder / "tokenizer")
+        ClassifierSpec(labels=["ham", "spam"], base=str(w / "run")).save(folder)
+
+    save_checkpoint(w / "clf", 1, write, {}, {}, keep_last=1)
+    shutil.copytree(w / "clf" / "step_0000001", w / "clf" / "best")
+    shutil.copytree(w / "clf", w / "clf_notok")
+    shutil.rmtree(w / "clf_notok" / "best" / "tokenizer")
+    shutil.copytree(w / "clf", w / "clf_badspec")
+    (w / "clf_badspec" / "best" / "classifier.json").write_text(json.dumps({"labels": "ham", "base": 3}))
 
 
 @pytest.fixture()

@@ -209,6 +209,11 @@ def add_pretrain(sub) -> None:
                    help="at each evaluation also measure the loss on training windows (eval mode, as the book)")
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
                    help="shard with FSDP2 under torchrun (default: DDP)")
+    g.add_argument("--lora-rank", type=positive_int,
+                   help="with --model: train LoRA adapters of this rank only (saved alone; `merge` folds them in)")
+    g.add_argument("--lora-alpha", type=float, help="the adapters' scale alpha: the update is alpha/r B A (default 16)")
+    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
+                   help="Linear layers to adapt (default c_attn attn.c_proj mlp.c_fc mlp.c_proj)")
     add_run_flags(g)
     m = p.add_argument_group("a new model's shape (with --model-preset; any ModelConfig field in [model_overrides])")
     m.add_argument("--init", choices=["gpt2", "torch"],
@@ -282,6 +287,93 @@ def add_export(sub) -> None:
     p.set_defaults(func=_export)
 
 
+# --------------------------------------------------------------------------------------------- classify
+def _classify_train(args):
+    from scratchllm.train.classify import run
+
+    return run(args)
+
+
+def _classify_eval(args):
+    from scratchllm.train.classify import run_eval
+
+    return run_eval(args)
+
+
+def _classify_predict(args):
+    from scratchllm.train.classify import run_predict
+
+    return run_predict(args)
+
+
+def _merge(args):
+    from scratchllm.weights.adapters import merge_cmd
+
+    return merge_cmd(args)
+
+
+CLASSIFIER_HELP = "a classify run folder (its best/ model), one of its checkpoints, or a merged classifier"
+
+
+def add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="fine-tune a model into a text classifier (spam or not spam), evaluate, predict")
+    csub = p.add_subparsers(dest="classify_cmd", required=True, metavar="ACTION")
+    t = csub.add_parser("train", help="fine-tune --model on labelled texts (evaluates at each epoch's end by default)")
+    g = t.add_argument_group("model, data and output")
+    g.add_argument("--model", help="the pretrained model: " + MODEL_HELP)
+    g.add_argument("--data", help="labelled texts: .tsv/.csv (label, text; or a header naming the fields), .jsonl, "
+                                  "or data:sms-spam")
+    g.add_argument("--val-data", help="a separate validation file (with --test-data; instead of --split)")
+    g.add_argument("--test-data", help="a separate test file")
+    g.add_argument("--text-field", help="the text field / column (default text)")
+    g.add_argument("--label-field", help="the label field / column (default label)")
+    g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
+                   help="undersample every class to the smallest (the book: 747 spam + 747 ham)")
+    g.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of --data (default 0.7 0.1 0.2), shuffled by --seed")
+    g.add_argument("--max-length", type=int, help="tokens per text, longer ones cut (default: the model's block_size)")
+    g.add_argument("--truncate", choices=["right", "left"], help="cut long texts at the right (keep the start, "
+                                                                 "default) or at the left (keep the end)")
+    g.add_argument("--pool", choices=["last", "mean"], help="classify the last real token (default) or the mean")
+    g.add_argument("--train", dest="trainable", choices=["head", "last-block", "all", "lora"],
+                   help="what trains: the head only, head + last blocks + final norm (default), all, or LoRA + head")
+    g.add_argument("--train-blocks", type=positive_int, help="with --train last-block: how many blocks (default 1)")
+    g.add_argument("--lora-rank", type=positive_int, help="with --train lora: adapter rank (default 16)")
+    g.add_argument("--lora-alpha", type=float, help="adapter scale alpha, the update is alpha/r B A (default 16)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
+                   help="Linear layers to adapt (default c_attn attn.c_proj mlp.c_fc mlp.c_proj)")
+    add_run_flags(g)
+    add_train_flags(t)
+    t.set_defaults(func=_classify_train)
+    for name, func, hlp in (("eval", _classify_eval, "accuracy, per-class precision/recall/F1, confusion matrix"),
+                            ("predict", _classify_predict, "label and probability of each text")):
+        c = csub.add_parser(name, help=hlp)
+        c.add_argument("--model", required=True, help=CLASSIFIER_HELP)
+        c.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass (default 16)")
+        c.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                       help="fp32 (default) or bf16 autocast where the hardware has it (auto)")
+        c.set_defaults(func=func)
+        if name == "eval":
+            c.add_argument("--data", help="labelled texts to evaluate on (default: the run's own held-out test split)")
+            c.add_argument("--text-field", default="text", help="the text field / column (default text)")
+            c.add_argument("--label-field", default="label", help="the label field / column (default label)")
+            c.add_argument("--errors", type=int, default=0, metavar="N", help="print the N most confident mistakes")
+            c.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+            c.add_argument("--png", help="where the confusion-matrix PNG goes (default: beside the run)")
+        else:
+            c.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+            c.add_argument("--file", help="or a file of texts, one per line")
+
+
+def add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA run's adapters into its base model: a full model folder")
+    p.add_argument("--model", required=True, help="a LoRA run or checkpoint (a language model or a classifier)")
+    p.add_argument("--out", required=True, help="the merged model's folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out model folder")
+    p.set_defaults(func=_merge)
+
+
 # --------------------------------------------------------------------------------------------- generate
 def _generate(args):
     from scratchllm.infer.commands import generate
@@ -336,7 +428,8 @@ def add_demo(sub) -> None:
 
 
 # Each entry registers one subcommand (group). Keep them in pipeline order.
-COMMANDS = [add_tokenizer, add_data, add_model, add_download, add_export, add_pretrain, add_generate, add_demo]
+COMMANDS = [add_tokenizer, add_data, add_model, add_download, add_export, add_pretrain, add_classify, add_merge,
+            add_generate, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

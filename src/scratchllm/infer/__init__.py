@@ -1,4 +1,5 @@
-"""Generation: sampling (sampling.py), incremental detokenization (detok.py) and the engine (engine.py).
+"""Generation: sampling (sampling.py), incremental detokenization (detok.py) and the engine (engine.py);
+a trained classifier loaded back for predictions (classifier.py).
 
     from scratchllm.infer import Engine
     engine = Engine(model, tokenizer)

@@ -552,7 +552,7 @@ class Trainer:
         if self.train_eval_batches:  # the same metrics on training data, in eval mode (the book's curves)
             on_train = self.evaluate(self.train_eval_batches)
             log.write({"step": self.step, "split": "train_eval", "tokens": self.tokens_seen, **on_train})
-            shown += f" | train (eval) loss {on_train['loss']:.4f}"
+            shown += " | train (eval) " + " | ".join(f"{k} {v:.4f}" for k, v in on_train.items() if k not in TOTALS)
         print0(f"step {self.step} | val {shown}")
         self._track_best(val)
         return val

@@ -45,3 +45,15 @@ def perplexity(metrics: dict) -> dict:
     """exp(mean loss): the language-modelling view of a per-token loss (capped so it stays finite).
     A `derived_metrics` hook of the Trainer: it sees the reduced metrics and adds {"ppl": ...}."""
     return {"ppl": math.exp(min(metrics["loss"], 50.0))}
+
+
+def classification_objective(model, batch) -> tuple[torch.Tensor, dict]:
+    """Classification: cross-entropy of the class logits, summed over the batch, and the number of
+    correct argmax predictions (the Trainer reports it per item: accuracy). `batch` is a dict of
+    "idx" (B, T), "attention_mask" (B, T) and "labels" (B,). Example: logits all zero over 2 classes
+    for 3 items -> (3 log 2, {"count": 3, ...})."""
+    logits = model(batch["idx"], attention_mask=batch["attention_mask"])  # (B, num_classes)
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+    return loss, {"count": labels.numel(), "tokens": batch["attention_mask"].sum(),
+                  "accuracy": (logits.argmax(-1) == labels).sum()}

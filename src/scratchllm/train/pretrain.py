@@ -35,7 +35,8 @@ from scratchllm.train.objectives import next_token_objective, perplexity
 # the stage's own argparse dest -> config field (the Trainer's flags are mapped by stage.train_overrides)
 FLAGS = {"data": "data", "input": "input", "tokenizer": "tokenizer", "model_preset": "model_preset",
          "model": "model", "out": "out", "block_size": "block_size", "fsdp": "fsdp", "sampler": "sampler",
-         "stride": "stride", "eval_train": "eval_train", **{k: f"model_overrides.{k}" for k in ("init", "dropout", "tie_embeddings", "bias")}}
+         "stride": "stride", "eval_train": "eval_train", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
+         "lora_targets": "lora_targets", **{k: f"model_overrides.{k}" for k in ("init", "dropout", "tie_embeddings", "bias")}}
 
 
 def load_data(cfg: PretrainConfig, out: Path, tokenizer):
@@ -156,13 +157,27 @@ def pretrain(cfg: PretrainConfig, *, resume=None, overwrite: bool = False) -> di
         sampler = RandomWindowSampler(shards.train, block, tc.batch_size, **common)
     stage.steps_for_epochs(tc, sampler.batches_per_epoch)
 
+    lora = None
+    if cfg.lora_rank:  # only the adapters train and are saved; --model RUN loads base + adapters merged
+        from scratchllm.model.lora import apply_lora, lora_settings
+        from scratchllm.weights.adapters import write_adapter_files
+
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets))
+        lora = lora_settings(model)
+        base = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+
     def write_model(folder: Path, state: dict) -> None:
+        if lora:
+            write_adapter_files(folder, state, base, lora, mcfg, tokenizer)
+            return
         write_safetensors(folder, state)
         (folder / "config.json").write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
         tokenizer.save(folder / "tokenizer")
 
     info = {"model": cfg.model or f"preset {cfg.model_preset}",
-            "parameters": f"{model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)",
+            "parameters": f"{model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)"
+                          + (f"; training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} in "
+                             f"LoRA adapters of rank {cfg.lora_rank}" if lora else ""),
             "data": f"{cfg.data or cfg.input}: {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens",
             "tokenizer": f"{tokenizer.name} ({tokenizer.vocab_size} ids)",
             "sampler": f"{cfg.sampler} windows" + (f", stride {cfg.stride or block}" if cfg.sampler == "sliding" else "")
@@ -177,7 +192,7 @@ def pretrain(cfg: PretrainConfig, *, resume=None, overwrite: bool = False) -> di
                                          max_batches=tc.eval_batches * world or None, device=device),
         sample_fn=make_sampler(mcfg, tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed),
         write_model=write_model, flops_per_token=gpt_train_flops_per_token(mcfg), info=info, fsdp=cfg.fsdp,
-        derived_metrics=perplexity,
+        derived_metrics=perplexity, save="trainable" if lora else "all",
         train_eval_batches=(lambda: eval_batches(shards.train, block, tc.batch_size, device=device,
                                                  max_batches=tc.eval_batches * world or None))
         if cfg.eval_train else None)

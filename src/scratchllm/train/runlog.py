@@ -97,6 +97,13 @@ def plot_loss(records: list[dict], png: str | Path) -> None:
         ax2.set_xlabel("tokens seen")
         ax2.grid(alpha=0.3)
         ax2.legend()
+    save_png(fig, png)
+
+
+def save_png(fig, png: str | Path) -> None:
+    """Write a matplotlib figure as a PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -132,3 +139,25 @@ def write_report(path: str | Path, records: list[dict], info: dict, config_text:
             f"{r[k]:.4f}" if isinstance(r.get(k), int | float) else "" for k in names) + " |" for r in val]
     lines += ["", "![loss](loss.png)", "", "## Config", "", "```toml", config_text.rstrip(), "```", ""]
     atomic_write_text(path, "\n".join(lines))
+
+
+def plot_curves(records: list[dict], png: str | Path, metrics: tuple[str, ...], steps_per_epoch: int) -> None:
+    """One panel per metric (the book's chapter 6 figures): its value on training data (eval mode,
+    split "train_eval") and on validation data at each evaluation, against epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=110, squeeze=False)
+    for ax, name in zip(axes[0], metrics):
+        for split, label, style in (("train_eval", "training", "s-"), ("val", "validation", "o--")):
+            pts = [(r["step"] / steps_per_epoch, r[name]) for r in records
+                   if r.get("split") == split and isinstance(r.get(name), int | float)]
+            if pts:
+                ax.plot(*zip(*pts), style, ms=4, label=label)
+        ax.set_xlabel("epochs")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_png(fig, png)

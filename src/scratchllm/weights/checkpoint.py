@@ -7,7 +7,8 @@ What it does:
   Face folder (GPT-2, Llama, Mistral, Qwen2: hf.py), the path of the `model.safetensors` inside one
   of those model folders (its folder is used), a `.gguf` file or a registry name such as
   `smollm2-135m-instruct` (both imported once into the cache, see registry.py), and returns
-  `(GPT, Tokenizer | None)`; `open_model` returns the chat format and the folder too.
+  `(GPT, Tokenizer | None)`; `open_model` returns the chat format and the folder too. A LoRA run's
+  checkpoint (adapter.json) loads as its base with the adapters merged in (adapters.py).
   Weights are loaded with state.load_state_dict_checked: any mismatch is one ScratchError listing the
   missing, unexpected and wrongly shaped keys. A folder with a meta.json (every training checkpoint)
   is first checked against its `files` table (`verify_model_files`): sizes on every load, sha256 on
@@ -110,6 +111,13 @@ def open_model(path: str | Path, device="cpu") -> LoadedModel:
     from scratchllm.weights import hf
 
     folder = resolve_model_dir(path)
+    if (folder / "adapter.json").is_file():  # a LoRA run: its base + these adapters, merged
+        from scratchllm.weights.adapters import load_adapter_model
+
+        return load_adapter_model(folder, device=device)
+    if (folder / "classifier.json").is_file():
+        raise ScratchError(f"{folder} is a text classifier, not a language model: use `scratchllm classify eval` or "
+                           "`classify predict` with it (infer/classifier.py: Classifier.load)")
     verify_model_files(folder)
     config_dict = read_json(folder / CONFIG)
     chat = None
