@@ -99,7 +99,7 @@ def test_a_lora_run_checks_its_base(lora_run, tmp_path):
     with pytest.raises(ScratchError, match="different base model"):
         open_model(run_copy)
     with pytest.raises(ScratchError, match="not a LoRA run"):
-        from scratchllm.weights.adapters import merge_cmd
+        from scratchllm.infer.merge import merge_cmd
 
         merge_cmd(type("A", (), {"model": str(lora_run["base"]), "out": str(tmp_path / "m"), "overwrite": False})())
 

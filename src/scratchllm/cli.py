@@ -307,7 +307,7 @@ def _classify_predict(args):
 
 
 def _merge(args):
-    from scratchllm.weights.adapters import merge_cmd
+    from scratchllm.infer.merge import merge_cmd
 
     return merge_cmd(args)
 
@@ -318,7 +318,11 @@ CLASSIFIER_HELP = "a classify run folder (its best/ model), one of its checkpoin
 def add_classify(sub) -> None:
     p = sub.add_parser("classify", help="fine-tune a model into a text classifier (spam or not spam), evaluate, predict")
     csub = p.add_subparsers(dest="classify_cmd", required=True, metavar="ACTION")
-    t = csub.add_parser("train", help="fine-tune --model on labelled texts (evaluates at each epoch's end by default)")
+    t = csub.add_parser("train", help="fine-tune --model on labelled texts (evaluates at each epoch's end by default)",
+                        description="Training defaults are the book's chapter 6 (scratchllm.configs."
+                                    "classify_train_defaults): AdamW lr 5e-5, weight decay 0.1, batch 8, 5 epochs, "
+                                    "constant lr, an evaluation of the whole validation set at each epoch's end "
+                                    "(--eval-every 0), best/ by validation accuracy.")
     g = t.add_argument_group("model, data and output")
     g.add_argument("--model", help="the pretrained model: " + MODEL_HELP)
     g.add_argument("--data", help="labelled texts: .tsv/.csv (label, text; or a header naming the fields), .jsonl, "

@@ -6,7 +6,7 @@ the base model, max length and truncation side), `tokenizer/`, `config.json` (th
 `model.safetensors` and `meta.json`. A run that trained only part of the model (a head, the last
 blocks, adapters) saves only those tensors plus the fingerprint of its base: loading rebuilds the
 base model (`--model` as given to training), the same trainable structure, and checks the fingerprint
-(train/checkpointing.load_partial). `Classifier.load` accepts the run folder itself (its `best/`, else
+(weights/partial.load_partial). `Classifier.load` accepts the run folder itself (its `best/`, else
 its newest checkpoint). `predict` tokenizes, pads on the tokenizer's side with its pad id, and returns
 label + probability per text, in batches.
 What it does not do: train (train/classify.py) or compute metrics (eval/classification.py).
@@ -119,9 +119,10 @@ class Classifier:
     def load(cls, path: str | Path, device: str = "cpu", precision: str = "fp32") -> Classifier:
         from scratchllm.model.heads import SequenceClassifier, set_trainable
         from scratchllm.tokenizer import Tokenizer
-        from scratchllm.train.checkpointing import load_partial, verify_checkpoint
+        from scratchllm.train.checkpointing import verify_checkpoint
         from scratchllm.weights import state
         from scratchllm.weights.checkpoint import load_model
+        from scratchllm.weights.partial import load_partial
 
         folder = classifier_folder(path)
         spec = ClassifierSpec.load(folder)

@@ -16,7 +16,6 @@ What it does not do: decide when to save (the Trainer does) or build models (wei
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -28,12 +27,16 @@ import numpy as np
 import torch
 
 from scratchllm.common import ScratchError, atomic_dir, atomic_write_text
+from scratchllm.weights.partial import (  # noqa: F401  (re-exported: the Trainer's partial saves use them)
+    base_fingerprint,
+    check_base,
+    load_partial,
+    trainable_state_names,
+)
 from scratchllm.weights.state import (
     folder_digests,
     listed_files,
-    load_state_dict_checked,
     read_latest,
-    read_safetensors,
     resolve_latest,
     verify_files,
     write_latest,
@@ -123,57 +126,6 @@ def load_train_state(ckpt: str | Path) -> dict:
         return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise ScratchError(f"{Path(ckpt) / STATE_FILE}: cannot load training state ({e})") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# partial checkpoints: only what trains (a head, LoRA adapters), on top of fingerprinted base weights
-
-
-def trainable_state_names(model: torch.nn.Module) -> set[str]:
-    """State-dict names a partial checkpoint keeps: trainable parameters and persistent buffers."""
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    buffers = set(model.state_dict()) - params
-    return {n for n, p in model.named_parameters() if p.requires_grad} | buffers
-
-
-def base_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the name, dtype, shape and bytes of every tensor a partial checkpoint leaves out (the
-    frozen base weights), each aliased tensor once. Two models with this fingerprint share a base."""
-    keep = trainable_state_names(model)
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict(keep_vars=False).items()):
-        if name in keep:
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + h.hexdigest()
-
-
-def check_base(saved: str | None, current: str | None, folder: Path) -> None:
-    """Refuse a partial checkpoint whose base weights are not the model's (or a full one in a partial run)."""
-    if saved == current:
-        return
-    if saved is None:
-        raise ScratchError(f"{folder} holds a full model, but this run saves only its trainable parameters "
-                           "(a head or adapters): resume it with the same settings it was started with")
-    if current is None:
-        raise ScratchError(f"{folder} holds only trainable parameters (adapters or a head) trained on base "
-                           f"{saved}; load it on top of that base model")
-    raise ScratchError(f"{folder} was trained on a different base model: its base fingerprint is {saved}, the "
-                       f"base given now is {current}. Use the base model the run was started from")
-
-
-def load_partial(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
-    """Load a partial checkpoint (or a run folder's latest / best one) onto `model`, the base with the
-    same trainable parts (head, adapters) in place: checks every file, the base fingerprint and that the
-    folder holds exactly the model's trainable tensors. Returns the model, now one trained model."""
-    folder = resolve_checkpoint(folder)
-    meta = verify_checkpoint(folder)
-    check_base(meta.get("base_fingerprint"), base_fingerprint(model), folder)
-    load_state_dict_checked(model, read_safetensors(folder / "model.safetensors"), str(folder / "model.safetensors"),
-                            expected=trainable_state_names(model))
-    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def pretrain(cfg: PretrainConfig, *, resume=None, overwrite: bool = False) -> di
     lora = None
     if cfg.lora_rank:  # only the adapters train and are saved; --model RUN loads base + adapters merged
         from scratchllm.model.lora import apply_lora, lora_settings
-        from scratchllm.weights.adapters import write_adapter_files
+        from scratchllm.weights.folder import write_adapter_files
 
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets))
         lora = lora_settings(model)

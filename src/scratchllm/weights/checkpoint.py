@@ -8,7 +8,8 @@ What it does:
   of those model folders (its folder is used), a `.gguf` file or a registry name such as
   `smollm2-135m-instruct` (both imported once into the cache, see registry.py), and returns
   `(GPT, Tokenizer | None)`; `open_model` returns the chat format and the folder too. A LoRA run's
-  checkpoint (adapter.json) loads as its base with the adapters merged in (adapters.py).
+  checkpoint (adapter.json, folder.write_adapter_files) loads as its base with the adapters merged in
+  (`load_adapter_model`).
   Weights are loaded with state.load_state_dict_checked: any mismatch is one ScratchError listing the
   missing, unexpected and wrongly shaped keys. A folder with a meta.json (every training checkpoint)
   is first checked against its `files` table (`verify_model_files`): sizes on every load, sha256 on
@@ -30,6 +31,7 @@ from scratchllm.common import ScratchError, read_json
 from scratchllm.model import GPT, ModelConfig
 from scratchllm.weights import state
 from scratchllm.weights.folder import (  # noqa: F401  (the writers, re-exported: callers import them from here)
+    ADAPTER,
     CHAT,
     CONFIG,
     META,
@@ -80,7 +82,7 @@ def verify_model_files(folder: str | Path) -> None:
     if meta.get("base_fingerprint"):
         raise ScratchError(f"{folder} holds only the trainable parameters of a run (a head or adapters) on top "
                            f"of base model {meta['base_fingerprint']}: load it with "
-                           "train.checkpointing.load_partial(base_model, folder)")
+                           "weights.partial.load_partial(base_model, folder)")
     state.verify_files(folder, files, meta_path, which=_read_by_load, cache=True)
 
 
@@ -111,9 +113,7 @@ def open_model(path: str | Path, device="cpu") -> LoadedModel:
     from scratchllm.weights import hf
 
     folder = resolve_model_dir(path)
-    if (folder / "adapter.json").is_file():  # a LoRA run: its base + these adapters, merged
-        from scratchllm.weights.adapters import load_adapter_model
-
+    if (folder / ADAPTER).is_file():  # a LoRA run: its base + these adapters, merged
         return load_adapter_model(folder, device=device)
     if (folder / "classifier.json").is_file():
         raise ScratchError(f"{folder} is a text classifier, not a language model: use `scratchllm classify eval` or "
@@ -140,6 +140,28 @@ def open_model(path: str | Path, device="cpu") -> LoadedModel:
         chat = read_chat_format(folder)
     check_vocab(model, tokenizer, str(folder))
     return LoadedModel(model, tokenizer, chat, folder)
+
+
+def load_adapter_model(folder: Path, device="cpu") -> LoadedModel:
+    """Base (anything `--model` accepts, named in adapter.json) + the folder's LoRA adapters, checked
+    (files, base fingerprint: weights/partial.py) and merged into plain Linear weights."""
+    from scratchllm.model.lora import apply_lora, merge_lora
+    from scratchllm.weights.partial import load_partial
+
+    path = Path(folder) / ADAPTER
+    spec = read_json(path)
+    lora = spec.get("lora") if isinstance(spec, dict) else None
+    if not isinstance(spec.get("base"), str) or not isinstance(lora, dict) or not {"rank", "alpha", "targets"} <= set(lora):
+        raise ScratchError(f"{path}: damaged adapter description (needs base and lora {{rank, alpha, targets}})")
+    base = open_model(spec["base"], device=device)
+    apply_lora(base.model, lora["rank"], lora["alpha"], lora.get("dropout", 0.0), tuple(lora["targets"]))
+    load_partial(base.model, folder)
+    tokenizer = base.tokenizer
+    if (Path(folder) / TOKENIZER_DIR).is_dir():
+        from scratchllm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(Path(folder) / TOKENIZER_DIR)
+    return LoadedModel(merge_lora(base.model).eval(), tokenizer, base.chat, Path(folder))
 
 
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, object | None]:

@@ -6,7 +6,8 @@ tied head stored once; the rules are state.py's), `config.json` (ModelConfig.to_
 and optionally `chat.json` (the chat format the model speaks, tokenizer/chat.py), more JSON files
 (`extra`, e.g. an import's `source.json`) and `meta.json` (with the size and sha256 of every file),
 through a temp folder renamed into place. `write_model_files` does the same into a folder the caller
-manages (the trainer's checkpoints use it).
+manages (the trainer's checkpoints use it); `write_adapter_files` writes a LoRA run's checkpoint (the
+adapters, `adapter.json` naming the base, config.json, tokenizer/).
 What it does not do: read folders back (checkpoint.py) or know where models come from (registry.py);
 it sits below both, so each can use it without an import cycle.
 
@@ -26,6 +27,7 @@ from scratchllm.weights import state
 
 WEIGHTS, CONFIG, TOKENIZER_DIR, META = "model.safetensors", "config.json", "tokenizer", "meta.json"
 CHAT = "chat.json"  # the chat format a model speaks (tokenizer/chat.py ChatFormat.to_dict())
+ADAPTER = "adapter.json"  # a LoRA run's checkpoint: {"base": the --model it started from, "lora": settings}
 
 
 def check_vocab(model, tokenizer, source: str) -> None:
@@ -53,6 +55,18 @@ def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, met
     if meta is not None:  # with the size + sha256 of every file, as a training checkpoint has
         meta = {**meta, "files": state.folder_digests(folder)}
         (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def write_adapter_files(folder: str | Path, state_dict: dict, base: str, lora: dict, model_config,
+                        tokenizer) -> None:
+    """A LoRA checkpoint's model files: only the adapters (`state_dict`), adapter.json (the base and the
+    LoRA settings), config.json and tokenizer/; checkpoint.open_model loads it as base + adapters."""
+    folder = Path(folder)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
+    (folder / ADAPTER).write_text(json.dumps({"base": base, "lora": lora}, indent=2) + "\n")
+    (folder / CONFIG).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(folder / TOKENIZER_DIR)
 
 
 def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: dict | None = None,
