@@ -581,3 +581,12 @@ def test_a_refused_run_leaves_its_out_folder_usable(inputs, tmp_path, capsys):
     assert cli(*train_args(inputs, out, "head", "--batch-size", "100")) == 2
     assert "84 training examples are fewer than one global batch" in capsys.readouterr().err
     assert cli(*train_args(inputs, out, "head", "--epochs", "1")) == 0, capsys.readouterr().err
+
+
+def test_evaluation_lines_count_the_tokens_seen_in_training(trained):
+    """metrics.jsonl's val/train_eval lines carry the tokens seen so far (the loss plot's x-axis), not the
+    token count of the evaluated batches."""
+    run = trained("head")
+    seen = {r["step"]: r["tokens"] for r in records(run, "train")}
+    evals = records(run, "val") + records(run, "train_eval")
+    assert evals and all(r["tokens"] == seen.get(r["step"], 0) for r in evals)

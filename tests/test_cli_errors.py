@@ -137,6 +137,7 @@ CASES = {
         ("mixed delimiters", f"{CLS} {{w}}/mixed.tsv", "mixed.tsv:3: no TAB"),
         ("more than 2**16 classes", f"{CLS} {{w}}/manyclasses.tsv", "manyclasses.tsv: 65537 distinct labels"),
         ("split not summing to 1", f"{CLS} {{w}}/toy.tsv --split 0.5 0.2 0.2", "--split 0.5 0.2 0.2"),
+        ("split with no test part", f"{CLS} {{w}}/toy.tsv --split 0.8 0.2 0", "needs validation and test examples"),
         ("unknown --train", f"{CLS} {{w}}/toy.tsv --train everything", "'everything'"),
         ("--val-data without --test-data", f"{CLS} {{w}}/toy.tsv --val-data {{w}}/toy.tsv", "--test-data"),
         ("val label absent from train", f"{CLS} {{w}}/toy.tsv --val-data {{w}}/val_extra.tsv --test-data {{w}}/toy.tsv",

@@ -195,10 +195,10 @@ class ClassifyConfig:
             raise ScratchError("--out RUN_DIR is required")
         if self.trainable not in TRAINABLE:
             raise ScratchError(f"--train {self.trainable!r}: expected one of {', '.join(TRAINABLE)}")
-        if len(self.split) != 3 or any(not isinstance(f, int | float) or f < 0 for f in self.split) \
+        if len(self.split) != 3 or any(not isinstance(f, int | float) or f <= 0 for f in self.split) \
                 or abs(sum(self.split) - 1) > 1e-6:
             raise ScratchError(f"--split {' '.join(map(str, self.split))}: give three fractions train val test, each "
-                               ">= 0, summing to 1 (e.g. 0.7 0.1 0.2)")
+                               "> 0 (a classifier needs validation and test examples), summing to 1 (e.g. 0.7 0.1 0.2)")
         if self.truncate not in ("left", "right"):
             raise ScratchError(f"--truncate {self.truncate!r}: expected left or right")
         if self.pool not in ("last", "mean"):

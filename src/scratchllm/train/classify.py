@@ -133,9 +133,11 @@ def classify(cfg: ClassifyConfig, *, resume=None, overwrite: bool = False) -> di
     g = torch.Generator().manual_seed(tc.seed)
     sample = sorted(torch.randperm(len(tr), generator=g)[:len(va)].tolist())  # a fixed training sample
 
+    backbone_config = backbone.config.to_dict()
+
     def write_model(folder: Path, state: dict) -> None:
         write_safetensors(folder, state)
-        (folder / "config.json").write_text(json.dumps(backbone.config.to_dict(), indent=2) + "\n")
+        (folder / "config.json").write_text(json.dumps(backbone_config, indent=2) + "\n")
         tokenizer.save(folder / "tokenizer")
         spec.save(folder)
 
@@ -163,13 +165,16 @@ def classify(cfg: ClassifyConfig, *, resume=None, overwrite: bool = False) -> di
            f"{len(train)} training examples; {trainer.precision} on {trainer.device}; run folder {out}")
     summary = trainer.fit()
     summary["test"] = None
+    device, precision = trainer.device, trainer.precision
+    del trainer, model, backbone  # the test evaluation loads best/ afresh: do not hold two models
     if not summary["interrupted"] and run.rank == 0:
-        summary["test"] = finish_run(out, tc, test, batches.batches_per_epoch / tc.grad_accum, trainer.precision)
+        summary["test"] = finish_run(out, test, tc.batch_size, batches.batches_per_epoch / tc.grad_accum, device,
+                                     precision)
     summary["exit_code"] = stage.finish(summary)
     return summary
 
 
-def finish_run(out: Path, tc, test, steps_per_epoch: float, precision: str) -> dict:
+def finish_run(out: Path, test, batch_size: int, steps_per_epoch: float, device: str, precision: str) -> dict:
     """Evaluate the best model on the test split; write test_metrics.json, confusion.png, curves.png and
     the test section of report.md."""
     from scratchllm.eval.classification import confusion_table, metrics_table, plot_confusion
@@ -177,8 +182,8 @@ def finish_run(out: Path, tc, test, steps_per_epoch: float, precision: str) -> d
     from scratchllm.train.runlog import plot_curves, read_metrics
 
     plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", ("loss", "accuracy"), steps_per_epoch)
-    clf = Classifier.load(out, device="cpu" if tc.device == "auto" else tc.device, precision=precision)
-    metrics = evaluate(clf, test, tc.batch_size)
+    clf = Classifier.load(out, device=device, precision=precision)
+    metrics = evaluate(clf, test, batch_size)
     atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     plot_confusion(metrics["confusion"], metrics["labels"], out / "confusion.png", title="test set")
     report = out / "report.md"

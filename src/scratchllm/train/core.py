@@ -547,11 +547,11 @@ class Trainer:
 
     def _log_eval(self, log: MetricsLog) -> dict:
         val = self.evaluate()
-        log.write({"step": self.step, "split": "val", "tokens": self.tokens_seen, **val})
+        log.write({"step": self.step, "split": "val", **val, "tokens": self.tokens_seen})  # x-axis: tokens seen
         shown = " | ".join(f"{k} {v:.4f}" for k, v in val.items() if k not in TOTALS)
         if self.train_eval_batches:  # the same metrics on training data, in eval mode (the book's curves)
             on_train = self.evaluate(self.train_eval_batches)
-            log.write({"step": self.step, "split": "train_eval", "tokens": self.tokens_seen, **on_train})
+            log.write({"step": self.step, "split": "train_eval", **on_train, "tokens": self.tokens_seen})
             shown += " | train (eval) " + " | ".join(f"{k} {v:.4f}" for k, v in on_train.items() if k not in TOTALS)
         print0(f"step {self.step} | val {shown}")
         self._track_best(val)
