@@ -24,7 +24,7 @@ from scratchllm.common import ScratchError, atomic_dir, clear_for_overwrite, pri
 MODEL_MARKERS = ("config.json", "model.safetensors")  # what --overwrite may replace: a model folder
 
 
-def _merge_classifier(source: str, out: Path) -> None:
+def _merge_classifier(source: str, out: Path, overwrite: bool) -> None:
     from scratchllm.infer.classifier import Classifier
     from scratchllm.model.lora import merge_lora
     from scratchllm.train.checkpointing import write_meta
@@ -35,7 +35,7 @@ def _merge_classifier(source: str, out: Path) -> None:
         merge_lora(clf.model.backbone)
     spec = clf.spec
     spec.trainable, spec.lora = "all", None  # the folder now holds every tensor
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         state = state_to_save(clf.model)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(clf.model.backbone.config.to_dict(), indent=2) + "\n")
@@ -54,19 +54,19 @@ def merge_cmd(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ScratchError(f"--out {out} exists: choose another folder or pass --overwrite")
-    if args.overwrite:
-        clear_for_overwrite(out, MODEL_MARKERS, "model folder")
+    if args.overwrite:  # checked now, replaced only once the merged folder is complete (atomic_dir)
+        clear_for_overwrite(out, MODEL_MARKERS, "model folder", delete=False)
     source = Path(args.model)
     if source.is_dir() and ((source / SPEC_FILE).is_file() or (source / "best" / SPEC_FILE).is_file()
                             or (source / "labels.json").is_file()):
-        _merge_classifier(args.model, out)
+        _merge_classifier(args.model, out, args.overwrite)
         return 0
     folder = resolve_model_dir(args.model)
     if not (folder / ADAPTER).is_file():
         raise ScratchError(f"{folder} holds no {ADAPTER}: not a LoRA run, so there is nothing to merge (it "
                            "is already a full model: export or generate take it as it is)")
     loaded = open_model(folder)
-    save_model(loaded.model, loaded.tokenizer, out, chat=loaded.chat, extra={"source.json": {
+    save_model(loaded.model, loaded.tokenizer, out, overwrite=args.overwrite, chat=loaded.chat, extra={"source.json": {
         "merged_from": str(folder), "base": read_json(folder / ADAPTER)["base"]}})
     print0(f"merged {folder} (base + LoRA adapters) -> {out}")
     return 0
