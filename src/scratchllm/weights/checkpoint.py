@@ -151,7 +151,7 @@ def load_adapter_model(folder: Path, device="cpu") -> LoadedModel:
     path = Path(folder) / ADAPTER
     spec = read_json(path)
     lora = spec.get("lora") if isinstance(spec, dict) else None
-    if not isinstance(spec.get("base"), str) or not isinstance(lora, dict) or not {"rank", "alpha", "targets"} <= set(lora):
+    if not isinstance(lora, dict) or not isinstance(spec.get("base"), str) or not {"rank", "alpha", "targets"} <= set(lora):
         raise ScratchError(f"{path}: damaged adapter description (needs base and lora {{rank, alpha, targets}})")
     base = open_model(spec["base"], device=device)
     apply_lora(base.model, lora["rank"], lora["alpha"], lora.get("dropout", 0.0), tuple(lora["targets"]))
