@@ -64,14 +64,29 @@ class ClassifierSpec:
         return cls(**d)
 
 
+def cut_rows(rows: list[list[int]], max_length: int, truncate: str, pad_id: int) -> list[list[int]]:
+    """Each row cut to max_length tokens from the right (keep the start) or the left (keep the end); an
+    empty row (a text of only dropped bytes) becomes one pad position."""
+    cut = [(ids[:max_length] if truncate == "right" else ids[-max_length:]) if len(ids) > max_length else ids
+           for ids in rows]
+    return [ids or [pad_id] for ids in cut]
+
+
 def encode_texts(tokenizer, texts: list[str], max_length: int, truncate: str) -> list[list[int]]:
-    """Token ids of each text, cut to max_length tokens from the right (keep the start) or the left."""
-    rows = []
-    for ids in (tokenizer.encode_ordinary(t) for t in texts):
-        if len(ids) > max_length:
-            ids = ids[:max_length] if truncate == "right" else ids[-max_length:]
-        rows.append(ids or [tokenizer.pad_id])  # a text of only dropped bytes still gets one position
-    return rows
+    """Token ids of each text, cut by `cut_rows`."""
+    return cut_rows([tokenizer.encode_ordinary(t) for t in texts], max_length, truncate, tokenizer.pad_id)
+
+
+def write_classifier_files(folder: Path, state: dict, backbone_config: dict, tokenizer, spec: ClassifierSpec) -> None:
+    """A classifier folder's model files: model.safetensors (`state`), config.json (the backbone's shape),
+    tokenizer/ and classifier.json (a checkpoint's meta.json is the caller's)."""
+    from scratchllm.train.core import write_safetensors
+
+    folder = Path(folder)
+    write_safetensors(folder, state)
+    (folder / "config.json").write_text(json.dumps(backbone_config, indent=2) + "\n")
+    tokenizer.save(folder / "tokenizer")
+    spec.save(folder)
 
 
 def require_pad_id(tokenizer, source: str) -> int:

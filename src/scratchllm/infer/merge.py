@@ -14,10 +14,7 @@ What it does not do: the LoRA math (model/lora.py) or training (train/).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-from safetensors.torch import save_file
 
 from scratchllm.common import ScratchError, atomic_dir, clear_for_overwrite, print0, read_json
 
@@ -25,7 +22,7 @@ MODEL_MARKERS = ("config.json", "model.safetensors")  # what --overwrite may rep
 
 
 def _merge_classifier(source: str, out: Path, overwrite: bool) -> None:
-    from scratchllm.infer.classifier import Classifier
+    from scratchllm.infer.classifier import Classifier, write_classifier_files
     from scratchllm.model.lora import merge_lora
     from scratchllm.train.checkpointing import write_meta
     from scratchllm.weights.state import state_to_save
@@ -36,11 +33,7 @@ def _merge_classifier(source: str, out: Path, overwrite: bool) -> None:
     spec = clf.spec
     spec.trainable, spec.lora = "all", None  # the folder now holds every tensor
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        state = state_to_save(clf.model)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(clf.model.backbone.config.to_dict(), indent=2) + "\n")
-        clf.tokenizer.save(tmp / "tokenizer")
-        spec.save(tmp)
+        write_classifier_files(tmp, state_to_save(clf.model), clf.model.backbone.config.to_dict(), clf.tokenizer, spec)
         write_meta(tmp, {"merged_from": str(clf.folder)})
     print0(f"merged classifier {clf.folder} -> {out} (labels {', '.join(spec.labels)}; "
            f"`scratchllm classify predict --model {out} ...`)")

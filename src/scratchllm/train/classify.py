@@ -77,13 +77,14 @@ class Encoded:
     """Token rows + label ids of one split, and `collate(indices) -> batch dict` for the objective."""
 
     def __init__(self, examples, labels: list[str], tokenizer, max_length: int, truncate: str, pad_id: int):
-        from scratchllm.infer.classifier import encode_texts
+        from scratchllm.infer.classifier import cut_rows
 
         ids = {name: i for i, name in enumerate(labels)}
-        self.rows = encode_texts(tokenizer, [e.text for e in examples], max_length, truncate)
+        full = [tokenizer.encode_ordinary(e.text) for e in examples]
+        self.truncated = sum(len(r) > max_length for r in full)
+        self.rows = cut_rows(full, max_length, truncate, pad_id)
         self.labels = [ids[e.label] for e in examples]
         self.pad_id, self.side = pad_id, tokenizer.padding_side
-        self.truncated = sum(len(tokenizer.encode_ordinary(e.text)) > max_length for e in examples)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -98,10 +99,10 @@ class Encoded:
 def classify(cfg: ClassifyConfig, *, resume=None, overwrite: bool = False) -> dict:
     """Fine-tune as configured; returns the Trainer's summary plus "test" (the test-set metrics)."""
     from scratchllm.data.collate import ExampleBatches, in_order
-    from scratchllm.infer.classifier import ClassifierSpec, require_pad_id
+    from scratchllm.infer.classifier import ClassifierSpec, require_pad_id, write_classifier_files
     from scratchllm.model.heads import SequenceClassifier, set_trainable
     from scratchllm.model.lora import count_lora_parameters
-    from scratchllm.train.core import Trainer, write_safetensors
+    from scratchllm.train.core import Trainer
     from scratchllm.train.objectives import classification_objective
     from scratchllm.weights.checkpoint import load_model
 
@@ -136,10 +137,7 @@ def classify(cfg: ClassifyConfig, *, resume=None, overwrite: bool = False) -> di
     backbone_config = backbone.config.to_dict()
 
     def write_model(folder: Path, state: dict) -> None:
-        write_safetensors(folder, state)
-        (folder / "config.json").write_text(json.dumps(backbone_config, indent=2) + "\n")
-        tokenizer.save(folder / "tokenizer")
-        spec.save(folder)
+        write_classifier_files(folder, state, backbone_config, tokenizer, spec)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
