@@ -152,7 +152,8 @@ def test_render_equals_apply_chat_template(smollm2_tokenizer, smol_auto, smol_fo
 @pytest.mark.parametrize("fmt", [CHATML, ChatFormat("chatml", "It's \"quoted\"\n{{ not jinja }} \\ end", stop=("<|im_end|>",)),
                                  ChatFormat("chatml", SMOL_SYSTEM, stop=("<|im_end|>",)), LLAMA3,
                                  ChatFormat("llama3", "  Be brief. ", "<|begin_of_text|>", LLAMA3.stop),
-                                 ALPACA, ChatFormat("alpaca", None, stop=("<|endoftext|>",))],
+                                 ALPACA, ChatFormat("alpaca", None, stop=("<|endoftext|>",)),
+                                 FORMATS["phi3"], ChatFormat("phi3", "Be brief.", stop=FORMATS["phi3"].stop)],
                          ids=lambda f: f"{f.name}-{bool(f.system_prompt)}")
 def test_jinja_template_renders_render_text(fmt, smollm2_tokenizer, smol_auto):
     template = jinja_template(fmt)

@@ -1,20 +1,32 @@
-"""Chat formats: a conversation [{"role", "content"}, ...] -> token ids, and the same as a Jinja template.
+"""Chat formats: a conversation [{"role", "content"}, ...] -> token ids (and the SFT loss mask), and
+the same as a Jinja template.
 
-What it does: three formats (`FORMATS`): "chatml" (SmolLM2, Qwen2, Qwen2.5: `<|im_start|>role\\n...<|im_end|>\\n`),
-"llama3" (`<|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>`) and "alpaca"
-(Raschka, "Build a LLM from scratch" ch. 7). `render` gives the ids a model is prompted or trained on,
-`stop_ids` the ids that end its turn, `jinja_template` a Jinja chat template writing the same (for a
-tokenizer_config.json), `detect_chat_format` maps a model file's Jinja template to one of ours.
+What it does: five formats (`FORMATS`): "chatml" (SmolLM2, Qwen2, Qwen2.5: `<|im_start|>role\\n...<|im_end|>\\n`),
+"llama3" (`<|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>`), "alpaca"
+(Raschka, "Build a LLM from scratch" ch. 7), "phi3" (`<|user|>\\n...<|end|>\\n<|assistant|>\\n...<|end|>\\n`;
+its markers are special tokens when the tokenizer has them, plain text otherwise, as in the book's
+exercise 7.1 with GPT-2's tokenizer) and "markers" (the same shape, whose four markers `<|system|>`,
+`<|user|>`, `<|assistant|>`, `<|end|>` must be special tokens: `scratchllm sft` adds them to a tokenizer
+that lacks them, see `missing_special_tokens`). `render` gives the ids a model is prompted with,
+`render_conversation` the ids a model is trained on and the loss mask (1 exactly on each assistant
+message's content and its end-of-turn token), `stop_sequences` what ends the model's turn,
+`jinja_template` a Jinja chat template writing the same (for a tokenizer_config.json),
+`detect_chat_format` maps a model file's Jinja template to one of ours.
 What it does not do: run templates (detection compares their tags and string literals with known
 shapes: SmolLM2's / Qwen2's ChatML with a default system prompt, plain ChatML, Qwen2.5's with its
 tool-calling branches left out, Meta's Llama 3 template, our own `jinja_template`s; anything else gives
 None, and the caller should warn: e.g. Llama 3.1+, Qwen3 and SmolLM3 templates, which add dates, tools
-or thinking blocks), tools, images, or the SFT loss mask.
+or thinking blocks), tools, images, padding or truncation (data/collate.py).
 
 Choices (the same in `render` and `jinja_template`):
 - The format's own token texts (<|im_start|>, <|eot_id|>, ...) encode as special ids; message content
   is always ordinary text, so a user typing "<|im_end|>" cannot close a turn (HF's apply_chat_template
   would make it the special token).
+- `render` encodes each stretch of text between special tokens in one piece, as transformers does;
+  `render_conversation` also starts a new stretch at each assistant message's content and after it, so
+  the mask falls on token boundaries and the prompt `render` makes for the next answer is exactly the
+  start of the training ids. (Only where an assistant message starts with whitespace can the two
+  encodings of the earlier turns differ: "\\n\\nsure" after "assistant\\n".)
 - A default system prompt (`ChatFormat.system_prompt`) is rendered when the first message is not a
   system message, as SmolLM2's and Qwen's templates do. Llama 3's template trims contents; so do we.
 - alpaca: the book's preamble is the default system prompt (a first system message replaces it, an empty
@@ -24,7 +36,8 @@ Choices (the same in `render` and `jinja_template`):
 
     fmt = detect_chat_format(template, "tokenizer_config.json") or FORMATS["chatml"]
     ids = render(fmt, [{"role": "user", "content": "Hi"}], tokenizer)   # ends with the assistant turn opened
-    stops = stop_ids(fmt, tokenizer)
+    ids, mask = render_conversation(messages, "alpaca", tokenizer)      # mask[i] = 1: ids[i] is trained on
+    stops = stop_sequences(fmt, tokenizer)                              # ids, and texts for text markers
 """
 
 from __future__ import annotations
@@ -35,14 +48,14 @@ from dataclasses import asdict, dataclass, replace
 from scratchllm.common import ScratchError
 
 ROLES = ("system", "user", "assistant")
-NAMES = ("chatml", "llama3", "alpaca")
+NAMES = ("chatml", "llama3", "alpaca", "phi3", "markers")
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 
 
 @dataclass(frozen=True)
 class ChatFormat:
-    name: str  # "chatml", "llama3" or "alpaca": how turns are written
+    name: str  # one of NAMES: how turns are written
     system_prompt: str | None = None  # rendered when the conversation has no system message first
     bos: str | None = None  # special-token text put before everything (Llama 3: "<|begin_of_text|>")
     stop: tuple[str, ...] = ()  # special-token texts that end the assistant's turn (alpaca writes stop[0])
@@ -88,7 +101,11 @@ class ChatFormat:
 CHATML = ChatFormat("chatml", stop=("<|im_end|>",))
 LLAMA3 = ChatFormat("llama3", bos="<|begin_of_text|>", stop=("<|eot_id|>", "<|end_of_text|>"))
 ALPACA = ChatFormat("alpaca", system_prompt=ALPACA_PREAMBLE, stop=("<|endoftext|>",))
-FORMATS: dict[str, ChatFormat] = {"chatml": CHATML, "llama3": LLAMA3, "alpaca": ALPACA}
+PHI3 = ChatFormat("phi3", stop=("<|end|>", "<|endoftext|>"))
+MARKERS = ChatFormat("markers", stop=("<|end|>",))
+FORMATS: dict[str, ChatFormat] = {"chatml": CHATML, "llama3": LLAMA3, "alpaca": ALPACA, "phi3": PHI3,
+                                  "markers": MARKERS}
+ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # phi3's and markers' token texts
 
 
 def alpaca_prompt(instruction: str, input: str = "", preamble: str | None = ALPACA_PREAMBLE) -> str:
@@ -134,32 +151,42 @@ def check_messages(fmt: ChatFormat, messages) -> list[dict]:
     return list(messages)
 
 
-def _pieces(fmt: ChatFormat, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, is_special_token) pieces."""
-    out: list[tuple[str, bool]] = [(fmt.bos, True)] if fmt.bos else []
+Piece = tuple[str, bool, bool]  # (text, is a special-token text, is trained on: assistant content + its end)
+
+
+def _pieces(fmt: ChatFormat, messages: list[dict], add_generation_prompt: bool) -> list[Piece]:
+    """The rendered conversation as (text, is_special_token, trained) pieces."""
+    out: list[Piece] = [(fmt.bos, True, False)] if fmt.bos else []
     if fmt.name == "alpaca":
         preamble, turns = fmt.system_prompt, messages
         if messages[0]["role"] == "system":
             preamble, turns = messages[0]["content"], messages[1:]
         for j, m in enumerate(turns):
             if m["role"] == "user":
-                out.append((_instruction(m["content"], m.get("input", ""), preamble, first=j == 0), False))
+                out.append((_instruction(m["content"], m.get("input", ""), preamble, first=j == 0), False, False))
             else:
-                out += [("\n\n### Response:\n" + m["content"], False), (fmt.stop[0], True)]
+                out += [("\n\n### Response:\n", False, False), (m["content"], False, True), (fmt.stop[0], True, True)]
         if add_generation_prompt and turns[-1]["role"] == "user":
-            out.append(("\n\n### Response:\n", False))
+            out.append(("\n\n### Response:\n", False, False))
         return out
     if fmt.system_prompt is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": fmt.system_prompt}, *messages]
     for m in messages:
+        mine = m["role"] == "assistant"
         if fmt.name == "chatml":
-            out += [("<|im_start|>", True), (m["role"] + "\n" + m["content"], False), ("<|im_end|>", True), ("\n", False)]
-        else:  # llama3
-            out += [("<|start_header_id|>", True), (m["role"], False), ("<|end_header_id|>", True),
-                    ("\n\n" + m["content"].strip(), False), ("<|eot_id|>", True)]
+            out += [("<|im_start|>", True, False), (m["role"] + "\n", False, False), (m["content"], False, mine),
+                    ("<|im_end|>", True, mine), ("\n", False, False)]
+        elif fmt.name == "llama3":
+            out += [("<|start_header_id|>", True, False), (m["role"], False, False), ("<|end_header_id|>", True, False),
+                    ("\n\n", False, False), (m["content"].strip(), False, mine), ("<|eot_id|>", True, mine)]
+        else:  # phi3, markers
+            out += [(f"<|{m['role']}|>", True, False), ("\n", False, False), (m["content"], False, mine),
+                    ("<|end|>", True, mine), ("\n", False, False)]
     if add_generation_prompt:
-        out += ([("<|im_start|>", True), ("assistant\n", False)] if fmt.name == "chatml" else
-                [("<|start_header_id|>", True), ("assistant", False), ("<|end_header_id|>", True), ("\n\n", False)])
+        out += {"chatml": [("<|im_start|>", True, False), ("assistant\n", False, False)],
+                "llama3": [("<|start_header_id|>", True, False), ("assistant", False, False),
+                           ("<|end_header_id|>", True, False), ("\n\n", False, False)]
+                }.get(fmt.name, [("<|assistant|>", True, False), ("\n", False, False)])
     return out
 
 
@@ -169,34 +196,92 @@ def render_text(fmt: ChatFormat, messages: list[dict], add_generation_prompt: bo
     >>> render_text(CHATML, [{"role": "user", "content": "Hi"}])
     '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
     """
-    return "".join(t for t, _ in _pieces(fmt, check_messages(fmt, messages), add_generation_prompt))
+    return "".join(t for t, _, _ in _pieces(fmt, check_messages(fmt, messages), add_generation_prompt))
+
+
+def special_texts(fmt: ChatFormat) -> list[str]:
+    """The token texts the format writes as special tokens, in order of first use."""
+    texts = [fmt.bos] if fmt.bos else []
+    texts += {"chatml": ["<|im_start|>", "<|im_end|>"], "llama3": ["<|start_header_id|>", "<|end_header_id|>",
+                                                                   "<|eot_id|>"],
+              "alpaca": [fmt.stop[0]]}.get(fmt.name, list(ROLE_MARKERS))
+    return texts
+
+
+def missing_special_tokens(fmt: ChatFormat, tokenizer) -> list[str]:
+    """The format's special-token texts the tokenizer lacks (what `scratchllm sft --add-tokens` adds;
+    phi3's markers may stay text, so they are only listed for --add-tokens, never required)."""
+    return [t for t in special_texts(fmt) if t not in tokenizer.special_tokens]
+
+
+def _encode(fmt: ChatFormat, pieces: list[Piece], tokenizer, split: bool) -> tuple[list[int], list[int]]:
+    """Pieces -> (ids, mask). Adjacent text pieces are encoded together (with `split`, only those with
+    the same `trained`); phi3's markers the tokenizer lacks become text; other missing special tokens
+    are an error."""
+    merged: list[Piece] = []
+    for text, special, trained in pieces:
+        if special and fmt.name == "phi3" and text not in tokenizer.special_tokens:
+            special = False  # the book's exercise: <|user|> etc. as plain text (GPT-2's tokenizer)
+        if merged and not special and not merged[-1][1] and (merged[-1][2] == trained or not split):
+            merged[-1] = (merged[-1][0] + text, False, trained and merged[-1][2])
+        elif text:
+            merged.append((text, special, trained))
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, special, trained in merged:
+        if not special:
+            new = tokenizer.encode_ordinary(text)
+        elif text in tokenizer.special_tokens:
+            new = [tokenizer.special_tokens[text]]
+        else:
+            missing = missing_special_tokens(fmt, tokenizer)
+            raise ScratchError(f"the {fmt.name} chat format needs the special token {text!r}, which tokenizer "
+                               f"{tokenizer.name!r} does not have (its special tokens: "
+                               f"{', '.join(list(tokenizer.special_tokens)[:8]) or 'none'}). To train a model on "
+                               f"this format, `scratchllm sft --add-tokens` adds {', '.join(missing)} (the embedding "
+                               "grows); or pick a format this tokenizer has the tokens of")
+        ids += new
+        mask += [int(trained)] * len(new)
+    return ids, mask
 
 
 def render(fmt: ChatFormat, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> list[int]:
     """Conversation -> token ids. The format's own token texts become special ids (the tokenizer must
-    have them); each stretch of text between them is encoded as ordinary text, in one piece."""
-    merged: list[tuple[str, bool]] = []
-    for text, special in _pieces(fmt, check_messages(fmt, messages), add_generation_prompt):
-        if merged and not special and not merged[-1][1]:
-            merged[-1] = (merged[-1][0] + text, False)
-        elif text:
-            merged.append((text, special))
-    ids: list[int] = []
-    for text, special in merged:
-        if not special:
-            ids += tokenizer.encode_ordinary(text)
-        elif text in tokenizer.special_tokens:
-            ids.append(tokenizer.special_tokens[text])
-        else:
-            raise ScratchError(f"the {fmt.name} chat format needs the special token {text!r}, which tokenizer "
-                               f"{tokenizer.name!r} does not have (its special tokens: "
-                               f"{', '.join(list(tokenizer.special_tokens)[:8]) or 'none'})")
-    return ids
+    have them); each stretch of text between them is encoded as ordinary text, in one piece (as
+    transformers' apply_chat_template does)."""
+    return _encode(fmt, _pieces(fmt, check_messages(fmt, messages), add_generation_prompt), tokenizer, False)[0]
+
+
+def render_conversation(messages: list[dict], template: ChatFormat | str, tokenizer) -> tuple[list[int], list[int]]:
+    """A whole conversation for training -> (ids, loss_mask): mask 1 exactly on every assistant message's
+    content and its end-of-turn token (alpaca: <|endoftext|>), 0 on system and user text and on the
+    role headers. The conversation needs at least one assistant message.
+
+    >>> ids, mask = render_conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+    ...                                 "chatml", tokenizer)   # mask: 1 on "Hello" and <|im_end|> only
+    """
+    fmt = FORMATS[template] if isinstance(template, str) and template in FORMATS else template
+    if not isinstance(fmt, ChatFormat):
+        raise ScratchError(f"unknown chat template {template!r}: expected one of {', '.join(FORMATS)}")
+    messages = check_messages(fmt, messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ScratchError("the conversation has no assistant message: nothing to train on (give each example "
+                           "an assistant turn, or an 'output')")
+    return _encode(fmt, _pieces(fmt, messages, add_generation_prompt=False), tokenizer, True)
 
 
 def stop_ids(fmt: ChatFormat, tokenizer) -> list[int]:
     """Ids of the format's stop tokens that the tokenizer has (in the format's order)."""
     return [tokenizer.special_tokens[s] for s in fmt.stop if s in tokenizer.special_tokens]
+
+
+def stop_sequences(fmt: ChatFormat, tokenizer) -> list[int | str]:
+    """What ends the assistant's turn, for Engine.generate(stop=...): the ids of the stop tokens the
+    tokenizer has, and for phi3 markers written as text, the text itself (a stop string)."""
+    out: list[int | str] = stop_ids(fmt, tokenizer)
+    if fmt.name == "phi3":
+        out += [s for s in fmt.stop if s not in tokenizer.special_tokens and s in ROLE_MARKERS]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- Jinja
@@ -223,6 +308,9 @@ def jinja_template(fmt: ChatFormat) -> str:
     if fmt.name == "chatml":
         head, turn = "'<|im_start|>system\\n' + ", "'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'"
         tail, gen = " + '<|im_end|>\\n'", "'<|im_start|>assistant\\n'"
+    elif fmt.name in ("phi3", "markers"):
+        head, turn = "'<|system|>\\n' + ", "'<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n'"
+        tail, gen = " + '<|end|>\\n'", "'<|assistant|>\\n'"
     else:
         head = "'<|start_header_id|>system<|end_header_id|>\\n\\n' + "
         turn = "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>'"
@@ -356,7 +444,7 @@ def _reference_shapes() -> list[tuple[ChatFormat, list]]:
                    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
                    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
     shapes = [(CHATML, template_shape(qwen25)), (LLAMA3, template_shape(meta_llama3))]
-    for fmt in (CHATML, LLAMA3, ALPACA):
+    for fmt in (CHATML, LLAMA3, ALPACA, PHI3):  # (markers renders as phi3 does: read back as phi3)
         for sp in (_MARK, None):
             shapes.append((fmt, template_shape(jinja_template(replace(fmt, system_prompt=sp)))))
     return shapes
