@@ -13,12 +13,14 @@ What it does not do: any I/O, printing, optimisation or HF imports (see weights/
     >>> _, loss = model(idx, targets=idx_shifted)                       # mean CE, IGNORE_INDEX skipped
     >>> logits = model(idx, kv_cache=KVCache(model.config, 2, 64))     # cached, see kv_cache.py
     >>> logits = model(idx, attention_mask=mask)   # padded batch: mask (B, T), 1 = token, 0 = padding
+    >>> logits = model(idx, attention_mask=seg)    # packed batch: seg (B, T), 1, 2, ... per example, 0 = padding
     >>> _, nll = model(idx, targets=tgt, reduction="none")              # (B, T) -log p(target)
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from scratchllm.common import ScratchError
 from scratchllm.model.config import ModelConfig
-from scratchllm.model.kv_cache import KVCache, padded_causal_mask
+from scratchllm.model.kv_cache import KVCache, segment_causal_mask
 from scratchllm.model.loss import linear_cross_entropy
 
 
@@ -85,9 +87,14 @@ class CausalSelfAttention(nn.Module):
         if self.naive:
             y = self._naive(q, k, v, mask, causal)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=nkv != nh)
+            dtype = q.dtype
+            fp32 = dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad
+            if fp32:  # PyTorch's CPU flash-attention backward is 2-5x slower in bf16 than in fp32 (measured:
+                q, k, v = q.float(), k.float(), v.float()  # docs/benchmarks.md, SFT): with a backward to come,
+            with torch.autocast("cpu", enabled=False) if fp32 else nullcontext():  # attend in fp32
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                   dropout_p=self.dropout if self.training else 0.0,
+                                                   enable_gqa=nkv != nh).to(dtype)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, n_embd): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -190,9 +197,11 @@ class GPT(nn.Module):
         Without a cache, a padded batch (left, right or both) takes attention_mask (B, T), 1 = real
         token, 0 = padding: attention is causal and never sees padded keys, so each real token gets
         what its row alone would give it (padding positions give finite values that mean nothing).
-        positions ((T,) or (B, T) int64) default to 0..T-1, or with a mask to cumsum(mask) - 1
-        clamped at 0, so each row counts from 0 at its first real token. With a kv_cache, the cache
-        owns positions and padding (KVCache.set_left_padding) and neither may be passed.
+        A packed batch numbers its examples instead (1, 2, ... per row; 0 = padding): a token sees
+        only the earlier tokens of its own example. positions ((T,) or (B, T) int64) default to
+        0..T-1, or with a mask to the token's index within its example (its row's real tokens for a
+        0/1 mask), so each example counts from 0. With a kv_cache, the cache owns positions and
+        padding (KVCache.set_left_padding) and neither may be passed.
         """
         cfg = self.config
         B, T = idx.shape
@@ -203,9 +212,10 @@ class GPT(nn.Module):
                 if attention_mask.shape != (B, T):
                     raise ScratchError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                                        f"(B, T) = {(B, T)} like idx")
-                mask = padded_causal_mask(attention_mask, T)  # (B, 1, T, T)
-                if positions is None:
-                    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+                mask = segment_causal_mask(attention_mask)  # (B, 1, T, T)
+                if positions is None:  # earlier tokens of the same example (padding: of the padding)
+                    same = attention_mask[:, :, None] == attention_mask[:, None, :]  # (B, T, T)
+                    positions = (same.tril().sum(-1) - 1)  # (B, T)
             if positions is None:
                 positions = torch.arange(T, device=idx.device)  # (T,)
             elif positions.shape not in ((T,), (B, T)):

@@ -40,6 +40,20 @@ def padded_causal_mask(key_is_real: torch.Tensor, T: int) -> torch.Tensor:
     return (causal[None] & visible)[:, None]  # (B, 1, T, L)
 
 
+def segment_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask (B, 1, T, T), True = may attend, of packed rows: segments (B, T) holds 0 for
+    padding and a segment number (1, 2, ...) for each example's tokens; a query sees the earlier keys of
+    its own segment only, and itself (so a padding query's softmax stays finite). A 0/1 mask is one
+    segment plus padding: the same visibility of real keys as padded_causal_mask.
+
+        segments [[1, 1, 2, 0]] -> [[[[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]]]
+    """
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)  # (B, T, T)
+    return (causal & same | torch.eye(T, dtype=torch.bool, device=segments.device))[:, None]  # (B, 1, T, T)
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device="cpu",
                  dtype: torch.dtype = torch.float32):

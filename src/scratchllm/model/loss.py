@@ -127,5 +127,14 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ScratchError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     dtype = _compute_dtype(x)
+    keep = None
+    if not torch.compiler.is_compiling():  # (a data-dependent shape: compiled graphs keep every row)
+        valid = targets != IGNORE_INDEX  # (N,)
+        if not bool(valid.all()):  # SFT masks most prompt tokens: their vocab-sized matmuls are skipped
+            keep = valid.nonzero()[:, 0]  # (n,)
+            x, targets = x.index_select(0, keep), targets.index_select(0, keep)  # (n, C), (n,)
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets, reduction, chunk_rows, dtype, need_grad)
+        loss = _LinearCrossEntropy.apply(x, weight, targets, reduction, chunk_rows, dtype, need_grad)
+    if keep is not None and reduction == "none":  # back to one value per input row, 0.0 where ignored
+        loss = loss.new_zeros(valid.shape[0]).index_copy(0, keep, loss)
+    return loss
