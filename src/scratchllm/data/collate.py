@@ -7,7 +7,14 @@ batch dropped (the book's `DataLoader(shuffle=True, drop_last=True)`), rank r of
 r, r+W, ... of each global batch of `batch_size * W`; a `collate(indices)` function turns the chosen
 indices into a batch. `state_dict()` is (epoch, position) plus checks, so a resumed run continues with
 the very next batch. `in_order(n, batch_size, collate)` gives every example once, in order, for evaluation.
-What it does not do: read files or tokenize (data/labelled.py, the stages do).
+For language-model fine-tuning (SFT): `lm_pair(ids, mask, max_length)` turns a rendered example and its
+loss mask into (inputs, targets) shifted by one, IGNORE_INDEX on every target the mask excludes,
+truncated to max_length (saying whether a trained target was cut, or None when none is left);
+`collate_lm(pairs, pad_id)` pads them into a batch (targets padded with IGNORE_INDEX), and with
+`packed=True` each row concatenates several examples, numbered 1, 2, ... in its attention mask so that
+attention never crosses from one into another (GPT.hidden_states); `pack(lengths, max_length)` groups
+examples into such rows (first-fit by decreasing length).
+What it does not do: read files or tokenize (data/labelled.py, data/instructions.py, the stages do).
 
     >>> pad_rows([[5, 6, 7], [8]], pad_id=0)
     (tensor([[5, 6, 7], [8, 0, 0]]), tensor([[1, 1, 1], [1, 0, 0]]))
@@ -21,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from scratchllm.common import ScratchError
+from scratchllm.common import IGNORE_INDEX, ScratchError
 
 STATE_VERSION = 1
 
@@ -101,3 +108,62 @@ def in_order(n: int, batch_size: int, collate: Callable[[list[int]], object]) ->
     """Every example once, in order, in batches of `batch_size` (the last one may be smaller)."""
     for start in range(0, n, batch_size):
         yield collate(list(range(start, min(start + batch_size, n))))
+
+
+# --------------------------------------------------------------------------------------------- LM examples
+def lm_pair(ids: Sequence[int], mask: Sequence[int], max_length: int) -> tuple[list[int], list[int], bool] | None:
+    """(inputs, targets, cut) of one example: inputs = ids[:-1], targets = ids[1:] with IGNORE_INDEX where
+    mask[1:] is 0, both cut to max_length; `cut` says a trained target was cut off. None when no trained
+    target is left (nothing to learn from the example).
+
+    >>> lm_pair([5, 6, 7, 8], [0, 0, 1, 1], max_length=8)
+    ([5, 6, 7], [-100, 7, 8], False)
+    """
+    targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+    cut = any(t != IGNORE_INDEX for t in targets[max_length:])
+    inputs, targets = list(ids[:-1])[:max_length], targets[:max_length]
+    if all(t == IGNORE_INDEX for t in targets):
+        return None
+    return inputs, targets, cut
+
+
+def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Indices of examples grouped into rows of at most max_length tokens: first-fit, longest first
+    (each row's examples in index order)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > max_length:
+            raise ScratchError(f"example {i} has {lengths[i]} tokens, more than the row length {max_length}")
+        j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
+        if j is None:
+            rows.append([i])
+            room.append(max_length - lengths[i])
+        else:
+            rows[j].append(i)
+            room[j] -= lengths[i]
+    return [sorted(r) for r in rows]
+
+
+def collate_lm(rows: Sequence[Sequence[tuple[list[int], list[int]]]], pad_id: int) -> dict:
+    """A batch {"idx", "targets", "tokens"(, "attention_mask")} of rows, each a list of (inputs, targets)
+    examples put end to end (one example per row without packing). Rows are right-padded to the longest
+    (targets with IGNORE_INDEX); "tokens" counts the real ones. The attention mask numbers each row's
+    examples 1, 2, ... (0 = padding); it is left out when no row holds two examples: under plain causal
+    attention a right-padded row's real tokens never see its padding (which comes after them) and
+    count positions from 0, so the mask would change nothing that is trained on, and a masked
+    attention kernel is several times slower on the CPU."""
+    flat = [[t for inputs, _ in row for t in inputs] for row in rows]
+    idx, real = pad_rows(flat, pad_id, "right")  # (B, T)
+    targets = torch.full_like(idx, IGNORE_INDEX)
+    segments = torch.zeros_like(idx)
+    for b, row in enumerate(rows):
+        at = 0
+        for k, (inputs, tgt) in enumerate(row):
+            targets[b, at:at + len(tgt)] = torch.as_tensor(tgt, dtype=torch.long)
+            segments[b, at:at + len(inputs)] = k + 1
+            at += len(inputs)
+    batch = {"idx": idx, "targets": targets, "tokens": real.sum()}
+    if any(len(row) > 1 for row in rows):
+        batch["attention_mask"] = segments
+    return batch
