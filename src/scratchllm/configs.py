@@ -215,6 +215,66 @@ class ClassifyConfig:
             raise ScratchError("lora_targets is empty: name the Linear layers to adapt (e.g. c_attn)")
 
 
+def sft_train_defaults() -> TrainConfig:
+    """The book's chapter 7 settings: AdamW lr 5e-5, weight decay 0.1, batch 8, 2 epochs, constant lr;
+    a validation pass every 25 steps over the whole validation set, the best model by validation loss,
+    sample answers to fixed validation instructions every 50 steps."""
+    return TrainConfig(epochs=2, batch_size=8, lr=5e-5, min_lr=0.0, warmup_steps=0, schedule="constant",
+                       weight_decay=0.1, eval_every=25, eval_batches=0, best_metric="loss", best_mode="min",
+                       sample_every=50, sample_tokens=48, checkpoint_every=100)
+
+
+@dataclass
+class SFTConfig:
+    """`scratchllm sft`: a pretrained model + instruction data -> a model that follows instructions."""
+
+    model: str = ""  # the pretrained model: run / HF folder, .gguf file or registry name
+    data: str = ""  # instruction records: .json array / .jsonl (instruction/input/output or messages), data:NAME
+    val_data: str = ""  # separate validation file (with test_data: no split of `data`)
+    test_data: str = ""  # separate test file
+    split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])  # train/val/test (the book's 935/55/110)
+    template: str = ""  # chat format: alpaca | chatml | llama3 | phi3 | markers; "" = the model's own, else alpaca
+    add_tokens: bool = False  # add the template's missing special tokens to the tokenizer (grows the embedding)
+    mask_prompt: bool = True  # train only on the assistant's answers (False: on every token, the book's main text)
+    max_length: int = 0  # tokens per example (longer ones cut, and counted); 0 = the model's block_size
+    pack: bool = False  # put several examples in one row (attention never crosses between them)
+    lora_rank: int = 0  # train LoRA adapters of this rank instead of every weight; 0 = full fine-tuning
+    lora_alpha: float = 16.0  # the adapters' scale alpha (the update is alpha / r * B A)
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # Linear names to adapt
+    samples: int = 2  # validation instructions answered at every sample step (train.sample_every)
+    out: str = ""  # run folder
+    train: TrainConfig = field(default_factory=sft_train_defaults)
+
+    def __post_init__(self):
+        from scratchllm.tokenizer.chat import NAMES
+
+        if isinstance(self.train, dict):
+            self.train = from_dict(TrainConfig, _merge(to_dict(sft_train_defaults()), self.train), "train")
+        if not self.model:
+            raise ScratchError("--model is required: the pretrained model to fine-tune (e.g. smollm2-135m-instruct)")
+        if not self.data:
+            raise ScratchError("--data FILE is required (instruction records: .json, .jsonl or data:instruction-data)")
+        if bool(self.val_data) != bool(self.test_data):
+            raise ScratchError("give both --val-data and --test-data, or neither (then --split divides --data)")
+        if not self.out:
+            raise ScratchError("--out RUN_DIR is required")
+        if self.template and self.template not in NAMES:
+            raise ScratchError(f"--template {self.template!r}: expected one of {', '.join(NAMES)}")
+        if len(self.split) != 3 or any(not isinstance(f, int | float) or f <= 0 for f in self.split) \
+                or abs(sum(self.split) - 1) > 1e-6:
+            raise ScratchError(f"--split {' '.join(map(str, self.split))}: give three fractions train val test, each "
+                               "> 0, summing to 1 (e.g. the book's 0.85 0.05 0.10)")
+        if self.max_length < 0 or self.samples < 0:
+            raise ScratchError(f"max_length and samples must be >= 0 (got {self.max_length}, {self.samples})")
+        if self.lora_rank < 0 or (self.lora_rank and (not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1)):
+            raise ScratchError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1 (got rank {self.lora_rank}, "
+                               f"alpha {self.lora_alpha}, dropout {self.lora_dropout})")
+        if self.lora_rank and ("lm_head" in self.lora_targets or not self.lora_targets):
+            raise ScratchError("sft LoRA: name the Linear layers to adapt; lm_head cannot be one (the loss reads its "
+                               "weight directly)")
+
+
 # ---------------------------------------------------------------------------------------------
 # dict/TOML <-> dataclass
 

@@ -132,17 +132,20 @@ class Trainer:
                  peak_flops: float | None = None, info: dict | None = None, fsdp: bool = False,
                  frozen: dict[str, torch.nn.Module] | None = None, save: str = "all",
                  derived_metrics: Callable[[dict], dict] | None = None,
-                 train_eval_batches: Callable[[], Iterable] | None = None):
+                 train_eval_batches: Callable[[], Iterable] | None = None, count_label: str | None = None):
         """`frozen`: auxiliary models passed to the objective as keyword arguments. `save`: "all" or
         "trainable" (only parameters with requires_grad, plus buffers; the rest is fingerprinted as the
         base). `derived_metrics`: extra metrics computed from the reduced ones (perplexity from loss).
-        `train_eval_batches`: training data to evaluate at every evaluation too (split "train_eval")."""
+        `train_eval_batches`: training data to evaluate at every evaluation too (split "train_eval").
+        `count_label`: also show metrics["count"] per second under this label (SFT: "trained tok/s",
+        beside tok/s of all tokens) and log it as count_per_s."""
         if save not in ("all", "trainable"):
             raise ScratchError(f"Trainer save={save!r}: expected 'all' or 'trainable'")
         self.cfg, self.objective, self.batches = cfg, objective, train_batches
         self.out_dir, self.val_batches, self.sample_fn = Path(out_dir), val_batches, sample_fn
         self.info, self.flops_per_token, self.peak_flops = dict(info or {}), flops_per_token, peak_flops
         self.derived_metrics, self.train_eval_batches = derived_metrics, train_eval_batches
+        self.count_label = count_label
         self.device = init_distributed(cfg.device)  # first: the rank and world size come from it
         self.rank, self.world = _world()
         self.precision = select_precision(cfg.precision, self.device)
@@ -508,7 +511,7 @@ class Trainer:
                 tps = last["tokens"] / dt
                 rec = {"step": self.step, "split": "train", "tokens": self.tokens_seen,
                        **{k: v for k, v in last.items() if k not in ("tokens", "skipped")},
-                       "tokens_per_s": tps,
+                       "tokens_per_s": tps, **({"count_per_s": last["count"] / dt} if self.count_label else {}),
                        "mfu": tps * self.flops_per_token / (peak * self.world) if self.flops_per_token and peak
                        else None, "elapsed": self.elapsed, "skipped": last["skipped"]}
                 if hasattr(self.batches, "epoch"):
@@ -516,7 +519,9 @@ class Trainer:
                 if crossed(before, cfg.log_every) or self.step == cfg.max_steps:
                     log.write(rec)
                 shown = {k: v for k, v in last.items() if k not in ("count", "tokens", "skipped", "lr", "grad_norm")}
-                progress.update(self.step - before, step=self.step, **shown, **{"tok/s": f"{tps:,.0f}"})
+                rates = {"tok/s": f"{tps:,.0f}"} | ({self.count_label: f"{last['count'] / dt:,.0f}"}
+                                                    if self.count_label else {})
+                progress.update(self.step - before, step=self.step, **shown, **rates)
                 if self.val_batches and crossed(before, cfg.eval_every):
                     val = self._log_eval(log)
                 if self.sample_fn and crossed(before, cfg.sample_every):

@@ -57,3 +57,14 @@ def classification_objective(model, batch) -> tuple[torch.Tensor, dict]:
     loss = F.cross_entropy(logits.float(), labels, reduction="sum")
     return loss, {"count": labels.numel(), "tokens": batch["attention_mask"].sum(),
                   "accuracy": (logits.argmax(-1) == labels).sum()}
+
+
+def masked_lm_objective(model, batch) -> tuple[torch.Tensor, dict]:
+    """Fine-tuning on chosen tokens (SFT): next-token cross-entropy summed over the targets that are not
+    IGNORE_INDEX (the assistant's answers), counted in "count"; "tokens" counts every real input token.
+    `batch` is data/collate.collate_lm's: "idx" and "targets" (B, T), "tokens" (the real ones), and
+    "attention_mask" (B, T) for packed rows (1, 2, ... = the examples of a row, 0 = padding). Example:
+    a model whose logits are all zero over V=4 with two trained targets -> (2 log 4, {"count": 2, ...})."""
+    idx, targets = batch["idx"], batch["targets"]
+    _, loss_sum = model(idx, targets=targets, reduction="sum", attention_mask=batch.get("attention_mask"))
+    return loss_sum, {"count": (targets != IGNORE_INDEX).sum(), "tokens": batch["tokens"]}

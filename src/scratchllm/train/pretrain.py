@@ -19,7 +19,6 @@ What it does not do: the loop itself (core.py) or the loss (objectives.py).
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from scratchllm.configs import PretrainConfig
 from scratchllm.train import stage
 from scratchllm.train.core import Trainer, write_safetensors
 from scratchllm.train.objectives import next_token_objective, perplexity
+from scratchllm.weights.folder import write_adapter_files, write_state_files
 
 # the stage's own argparse dest -> config field (the Trainer's flags are mapped by stage.train_overrides)
 FLAGS = {"data": "data", "input": "input", "tokenizer": "tokenizer", "model_preset": "model_preset",
@@ -160,7 +160,6 @@ def pretrain(cfg: PretrainConfig, *, resume=None, overwrite: bool = False) -> di
     lora = None
     if cfg.lora_rank:  # only the adapters train and are saved; --model RUN loads base + adapters merged
         from scratchllm.model.lora import apply_lora, lora_settings
-        from scratchllm.weights.folder import write_adapter_files
 
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets))
         lora = lora_settings(model)
@@ -170,9 +169,7 @@ def pretrain(cfg: PretrainConfig, *, resume=None, overwrite: bool = False) -> di
         if lora:
             write_adapter_files(folder, state, base, lora, mcfg, tokenizer)
             return
-        write_safetensors(folder, state)
-        (folder / "config.json").write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
-        tokenizer.save(folder / "tokenizer")
+        write_state_files(folder, state, mcfg, tokenizer, write_weights=write_safetensors)
 
     info = {"model": cfg.model or f"preset {cfg.model_preset}",
             "parameters": f"{model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)"

@@ -56,6 +56,8 @@ def train_overrides(args) -> dict:
     out = {f"train.{f.name}": getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
     if isinstance(out["train.compile"], bool):  # --compile / --no-compile
         out["train.compile"] = "on" if out["train.compile"] else "off"
+    if out["train.max_steps"] is not None and out["train.epochs"] is None:  # --max-steps alone: steps, not epochs
+        out["train.epochs"] = 0
     return out
 
 

@@ -153,15 +153,31 @@ def load_adapter_model(folder: Path, device="cpu") -> LoadedModel:
     lora = spec.get("lora") if isinstance(spec, dict) else None
     if not isinstance(lora, dict) or not isinstance(spec.get("base"), str) or not {"rank", "alpha", "targets"} <= set(lora):
         raise ScratchError(f"{path}: damaged adapter description (needs base and lora {{rank, alpha, targets}})")
+    also = spec.get("also_trained", [])
+    if not isinstance(also, list) or not all(isinstance(n, str) for n in also):
+        raise ScratchError(f"{path}: field 'also_trained' must be a list of parameter names")
     base = open_model(spec["base"], device=device)
+    vocab, first_new = spec.get("vocab_size", base.model.config.vocab_size), spec.get("new_rows_from")
+    if first_new is not None or vocab != base.model.config.vocab_size:
+        # special tokens were added: rebuild the base as the run started (its fingerprint); trained rows follow
+        from scratchllm.model.vocab import grow_vocab
+
+        grow_vocab(base.model, vocab, first_new=base.model.config.vocab_size if first_new is None else first_new)
     apply_lora(base.model, lora["rank"], lora["alpha"], lora.get("dropout", 0.0), tuple(lora["targets"]))
+    params = dict(base.model.named_parameters())
+    for name in also:
+        if name not in params:
+            raise ScratchError(f"{path}: also_trained names {name!r}, which the base model {spec['base']} lacks")
+        params[name].requires_grad_(True)
     load_partial(base.model, folder)
     tokenizer = base.tokenizer
     if (Path(folder) / TOKENIZER_DIR).is_dir():
         from scratchllm.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(Path(folder) / TOKENIZER_DIR)
-    return LoadedModel(merge_lora(base.model).eval(), tokenizer, base.chat, Path(folder))
+    chat = read_chat_format(folder) or base.chat  # the format the adapters were trained on
+    merged = merge_lora(base.model).eval().requires_grad_(True)  # a plain model again, as open_model gives
+    return LoadedModel(merged, tokenizer, chat, Path(folder))
 
 
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, object | None]:

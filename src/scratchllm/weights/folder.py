@@ -57,16 +57,35 @@ def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, met
         (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def write_adapter_files(folder: str | Path, state_dict: dict, base: str, lora: dict, model_config,
-                        tokenizer) -> None:
-    """A LoRA checkpoint's model files: only the adapters (`state_dict`), adapter.json (the base and the
-    LoRA settings), config.json and tokenizer/; checkpoint.open_model loads it as base + adapters."""
+def write_state_files(folder: str | Path, state_dict: dict, model_config, tokenizer, chat=None,
+                      write_weights=None) -> None:
+    """A training checkpoint's model files from a full state dict: model.safetensors (`write_weights`,
+    default safetensors' save_file), config.json, tokenizer/ and chat.json (when given)."""
     folder = Path(folder)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
-    (folder / ADAPTER).write_text(json.dumps({"base": base, "lora": lora}, indent=2) + "\n")
+    if write_weights is None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
+    else:
+        write_weights(folder, state_dict)
     (folder / CONFIG).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(folder / TOKENIZER_DIR)
+    if chat is not None:
+        (folder / CHAT).write_text(json.dumps(chat.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+def write_adapter_files(folder: str | Path, state_dict: dict, base: str, lora: dict, model_config,
+                        tokenizer, chat=None, also_trained: list[str] | tuple = (), new_rows_from: int | None = None
+                        ) -> None:
+    """A LoRA checkpoint's model files: only the adapters (`state_dict`, with `also_trained` base
+    parameters such as an embedding that grew), adapter.json (the base, the LoRA settings, the vocab_size,
+    those names and `new_rows_from`, the first id given a new mean-initialised row: model/vocab.py),
+    config.json, tokenizer/ and chat.json; checkpoint.open_model loads it as base + adapters."""
+    folder = Path(folder)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
+    spec = {"base": base, "lora": lora, "vocab_size": model_config.vocab_size, "also_trained": list(also_trained),
+            "new_rows_from": new_rows_from}
+    (folder / ADAPTER).write_text(json.dumps(spec, indent=2) + "\n")
+    write_state_files(folder, {}, model_config, tokenizer, chat, write_weights=lambda folder, state: None)
 
 
 def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: dict | None = None,
