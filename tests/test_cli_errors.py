@@ -21,13 +21,16 @@ from scratchllm.cli import build_parser, main
 from scratchllm.model import GPT, ModelConfig
 from scratchllm.tokenizer import train_bpe
 from scratchllm.train.checkpointing import save_checkpoint
-from scratchllm.weights.checkpoint import write_model_files
+from scratchllm.weights.checkpoint import save_model, write_model_files
 
 TOK, RUN, SHARDS = "{w}/tok", "{w}/run", "{w}/shards"
 GEN = "generate --prompt hi --max-new-tokens 2 --device cpu"
 CHAT = "generate --chat hi --max-new-tokens 2 --device cpu"
 PRE = f"pretrain --data {SHARDS} --model-preset tiny --max-steps 1 --device cpu --no-compile"
 CLS = "classify train --model {w}/run --out {w}/c --device cpu --no-compile --data"
+SFT = "sft --model {w}/chatbase --out {w}/s --device cpu --no-compile --max-steps 1 --data"
+EGEN = "eval generate --device cpu --out {w}/answers.jsonl --max-new-tokens 2 --model"
+ELOSS = "eval loss --device cpu --model"
 CASES = {
     ("tokenizer", "train"): [
         ("missing input", "tokenizer train --input {w}/nope.txt --vocab-size 300 --out {w}/o", "nope.txt"),
@@ -203,6 +206,69 @@ CASES = {
         ("--system without --chat", f"{GEN} --model {RUN} --system x", "--system"),
         ("--prompt and --chat", f"{GEN} --chat hi --model {RUN}", "--chat"),
     ],
+    ("sft",): [
+        ("missing data", f"{SFT} {{w}}/nope.json", "nope.json: file not found"),
+        ("data is a folder", f"{SFT} {{w}}/emptydir", "emptydir is a folder"),
+        ("data neither .json nor .jsonl", f"{SFT} {{w}}/text.txt", "text.txt: expected a .json file"),
+        ("a line that is no JSON", f"{SFT} {{w}}/badinstr.jsonl", "badinstr.jsonl:2: not valid JSON"),
+        ("a record without output", f"{SFT} {{w}}/nooutput.json", "nooutput.json[1]: no 'output' field"),
+        ("a chat with no answer", f"{SFT} {{w}}/noanswer.jsonl", "noanswer.jsonl:1: no assistant message"),
+        ("split not summing to 1", f"{SFT} {{w}}/instr.json --split 0.5 0.2 0.2", "--split 0.5 0.2 0.2"),
+        ("--val-data without --test-data", f"{SFT} {{w}}/instr.json --val-data {{w}}/instr.json", "--test-data"),
+        ("a format the tokenizer lacks", "sft --model {w}/run --out {w}/s --data {w}/instr.json --template chatml",
+         "--add-tokens"),
+        ("every answer past --max-length", f"{SFT} {{w}}/instr.json --max-length 4",
+         "no train example has a trained token within --max-length 4"),
+        ("batch larger than the training split", f"{SFT} {{w}}/instr.json --batch-size 64", "fewer than one global batch"),
+        ("no --model", "sft --data {w}/instr.json --out {w}/s", "--model is required"),
+        ("--model is a classifier", "sft --model {w}/clf --out {w}/s --data {w}/instr.json", "is a text classifier"),
+        ("LoRA on the head", f"{SFT} {{w}}/instr.json --lora-rank 2 --lora-targets lm_head", "lm_head cannot be one"),
+        ("unknown template", f"{SFT} {{w}}/instr.json --template vicuna", "'vicuna'"),
+        ("--show-mask without --data", "sft --model {w}/chatbase --show-mask 1", "--show-mask needs --model"),
+        ("out is a file", "sft --model {w}/chatbase --data {w}/instr.json --out {w}/file.txt", "file.txt"),
+        ("resume a folder with no run", "sft --model {w}/chatbase --data {w}/instr.json --out . --resume",
+         "no run to resume"),
+    ],
+    ("eval", "generate"): [
+        ("no --data and no test.jsonl", f"{EGEN} {{w}}/chatbase", "pass --data FILE"),
+        ("missing data", f"{EGEN} {{w}}/chatbase --data {{w}}/nope.json", "nope.json"),
+        ("a record without output", f"{EGEN} {{w}}/chatbase --data {{w}}/nooutput.json", "nooutput.json[1]"),
+        ("out is a folder", "eval generate --model {w}/chatbase --data {w}/instr.json --out {w}/emptydir", "emptydir"),
+        ("max new tokens 0", "eval generate --model {w}/chatbase --data {w}/instr.json --out {w}/a.jsonl "
+         "--max-new-tokens 0", "--max-new-tokens"),
+        ("missing model", f"{EGEN} {{w}}/nope --data {{w}}/instr.json", "nope"),
+        ("a classifier run", f"{EGEN} {{w}}/clf --data {{w}}/instr.json", "is a text classifier"),
+        ("a format the tokenizer lacks", f"{EGEN} {{w}}/run --data {{w}}/instr.json --template chatml",
+         "instr.json[0]: the chatml chat format needs the special token"),
+        ("temperature -1", f"{EGEN} {{w}}/chatbase --data {{w}}/instr.json --temperature -1", "temperature=-1"),
+    ],
+    ("eval", "loss"): [
+        ("no --data and no test.jsonl", f"{ELOSS} {{w}}/chatbase", "pass --data FILE"),
+        ("missing data", f"{ELOSS} {{w}}/chatbase --data {{w}}/nope.json", "nope.json"),
+        ("a line that is no JSON", f"{ELOSS} {{w}}/chatbase --data {{w}}/badinstr.jsonl", "badinstr.jsonl:2"),
+        ("every answer past --max-length", f"{ELOSS} {{w}}/chatbase --data {{w}}/instr.json --max-length 4",
+         "no example has a trained token within 4 tokens"),
+        ("corrupted weights", f"{ELOSS} {{w}}/corrupt --data {{w}}/instr.json", "corrupt/step_0000001/model.safetensors"),
+        ("a classifier run", f"{ELOSS} {{w}}/clf --data {{w}}/instr.json", "is a text classifier"),
+    ],
+    ("eval", "judge"): [
+        ("missing responses", "eval judge {w}/nope.jsonl --judge-url http://127.0.0.1:9 --judge-model m", "nope.jsonl"),
+        ("responses not JSON", "eval judge {w}/badinstr.jsonl --judge-url http://127.0.0.1:9 --judge-model m",
+         "badinstr.jsonl:1"),
+        ("url not http", "eval judge {w}/answers-ok.jsonl --judge-url ftp://x --judge-model m", "ftp://x"),
+        ("timeout 0", "eval judge {w}/answers-ok.jsonl --judge-url http://127.0.0.1:9 --judge-model m --timeout 0",
+         "--timeout"),
+        ("server does not answer", "eval judge {w}/answers-ok.jsonl --judge-url http://127.0.0.1:9 --judge-model m "
+         "--retries 0 --timeout 2 --cache {w}/judge-cache.jsonl --out {w}/j.jsonl --report {w}/j.md",
+         "http://127.0.0.1:9"),
+    ],
+    ("chat",): [
+        ("no chat format", "chat --model {w}/run --message hi --device cpu", "--chat-format"),
+        ("missing model", "chat --model {w}/nope --message hi --device cpu", "nope"),
+        ("a classifier run", "chat --model {w}/clf --message hi --device cpu", "is a text classifier"),
+        ("temperature -1", "chat --model {w}/chatbase --message hi --temperature -1", "temperature=-1"),
+        ("unknown chat format", "chat --model {w}/run --chat-format vicuna", "'vicuna'"),
+    ],
     ("demo",): [
         ("out is a file", "demo --out {w}/file.txt --max-steps 1", "file.txt"),
         ("vocab too small", "demo --out {w}/d --vocab-size 10 --max-steps 1", "--vocab-size 10"),
@@ -276,6 +342,7 @@ def world(tmp_path_factory):
         return c
 
     classify_inputs(w, model, tok)
+    sft_inputs(w)
     broken("corrupt", flip)
     broken("emptyfiles", lambda c: edit_json(c / "meta.json", lambda m: {**m, "files": {}}))
     broken("garbage", lambda c: (unchecked(c) / "model.safetensors").write_bytes(b"garbage" * 10))
@@ -308,6 +375,24 @@ def world(tmp_path_factory):
     index = {"metadata": {}, "weight_map": {k: shards[i % 2] for i, k in enumerate(names)}}
     (w / "hfshard" / "model.safetensors.index.json").write_text(json.dumps(index))
     return w
+
+
+def sft_inputs(w):
+    """Instruction files (a good one, broken ones) and `chatbase`: a model folder whose tokenizer has the
+    ChatML specials and whose chat.json says chatml (the `run` model's tokenizer has neither)."""
+    from scratchllm.tokenizer.chat import FORMATS
+
+    good = [{"instruction": f"Say {w_}.", "input": "", "output": w_} for w_ in ("yes", "no", "hi", "ok") * 5]
+    (w / "instr.json").write_text(json.dumps(good))
+    (w / "nooutput.json").write_text(json.dumps([good[0], {"instruction": "Say yes."}]))
+    (w / "badinstr.jsonl").write_text(json.dumps(good[0]) + "\n{oops\n")
+    (w / "answers-ok.jsonl").write_text(json.dumps({"instruction": "Say yes.", "input": "", "output": "yes",
+                                                     "response": "yes"}) + "\n")
+    (w / "noanswer.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    chat_tok = train_bpe(["<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n" * 20],
+                         vocab_size=280, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    model = GPT(ModelConfig.from_preset("tiny", vocab_size=280, block_size=64, n_layer=1, n_embd=32, n_head=2))
+    save_model(model, chat_tok, w / "chatbase", chat=FORMATS["chatml"])
 
 
 def classify_inputs(w, model, tok):

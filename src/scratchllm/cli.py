@@ -378,6 +378,122 @@ def add_merge(sub) -> None:
     p.set_defaults(func=_merge)
 
 
+# --------------------------------------------------------------------------------------------- sft + eval
+def _sft(args):
+    from scratchllm.train.sft import run
+
+    return run(args)
+
+
+def _eval_generate(args):
+    from scratchllm.eval.responses import run_generate
+
+    return run_generate(args)
+
+
+def _eval_judge(args):
+    from scratchllm.eval.judge import run_judge
+
+    return run_judge(args)
+
+
+def _eval_loss(args):
+    from scratchllm.eval.responses import run_loss
+
+    return run_loss(args)
+
+
+TEMPLATES = ["alpaca", "chatml", "llama3", "phi3", "markers"]
+
+
+def add_sft(sub) -> None:
+    p = sub.add_parser("sft", help="instruction fine-tuning (full or LoRA) with the loss on the answers only",
+                       description="Training defaults are the book's chapter 7 (scratchllm.configs.sft_train_defaults): "
+                                   "AdamW lr 5e-5, weight decay 0.1, batch 8, 2 epochs, constant lr, the masked "
+                                   "validation loss every 25 steps, best/ by it, sample answers every 50 steps.")
+    g = p.add_argument_group("model, data and output")
+    g.add_argument("--model", help="the pretrained model: " + MODEL_HELP)
+    g.add_argument("--data", help="instruction records: a .json array or .jsonl of {instruction, input, output} or "
+                                  "{messages: [...]}, or data:instruction-data (the book's 1100)")
+    g.add_argument("--val-data", help="a separate validation file (with --test-data; instead of --split)")
+    g.add_argument("--test-data", help="a separate test file")
+    g.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of --data (default 0.85 0.05 0.10, the book's), shuffled by --seed")
+    g.add_argument("--template", choices=TEMPLATES,
+                   help="chat format (default: the model's own, else alpaca); markers adds <|system|> <|user|> "
+                        "<|assistant|> <|end|> as special tokens")
+    g.add_argument("--add-tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the template's special tokens the tokenizer lacks (the embedding grows; new rows "
+                        "start as the mean of the old)")
+    g.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="loss on the assistant's answers only (default); --no-mask-prompt: on every token")
+    g.add_argument("--max-length", type=int, help="tokens per example, longer ones cut and counted "
+                                                  "(default: the model's block_size)")
+    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack several examples into each row (attention never crosses between them)")
+    g.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank instead of every weight")
+    g.add_argument("--lora-alpha", type=float, help="adapter scale alpha, the update is alpha/r B A (default 16)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
+                   help="Linear layers to adapt (default c_attn attn.c_proj mlp.c_fc mlp.c_proj)")
+    g.add_argument("--samples", type=int, help="validation instructions answered at each --sample-every (default 2)")
+    g.add_argument("--show-mask", type=positive_int, metavar="N",
+                   help="print N rendered training examples with the trained tokens marked, then stop")
+    add_run_flags(g)
+    add_train_flags(p)
+    p.set_defaults(func=_sft)
+
+
+def _eval_model_flags(c) -> None:
+    c.add_argument("--model", required=True, help="an sft run folder, a checkpoint, or " + MODEL_HELP)
+    c.add_argument("--data", help="instruction records (default: the run's held-out test.jsonl)")
+    c.add_argument("--template", choices=TEMPLATES, help="chat format (default: the model's own, else alpaca)")
+    c.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass (default 8)")
+    c.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where the hardware is fast at it, else fp32")
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate an instruction-tuned model: generate answers, masked loss, LLM judge")
+    esub = p.add_subparsers(dest="eval_cmd", required=True, metavar="ACTION")
+    g = esub.add_parser("generate", help="answer every test instruction (batched, greedy by default) into a JSONL file")
+    _eval_model_flags(g)
+    g.add_argument("--out", required=True, help="the responses file (.jsonl) `eval judge` scores")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--limit", type=int, default=0, help="only the first N records (default: all)")
+    g.add_argument("--show", type=int, default=3, help="print the first N answers beside the references (default 3)")
+    g.set_defaults(func=_eval_generate)
+    los = esub.add_parser("loss", help="mean masked loss / perplexity of the reference answers")
+    _eval_model_flags(los)
+    los.add_argument("--max-length", type=int, default=0, help="tokens per example (default: block_size)")
+    los.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=True,
+                     help="loss on the answers only (default); --no-mask-prompt: on every token")
+    los.add_argument("--json", action="store_true", help="print one JSON object")
+    los.set_defaults(func=_eval_loss)
+    j = esub.add_parser("judge", help="score each response 0-100 with an LLM judge on any OpenAI-compatible endpoint",
+                        description="The book's judge prompt (ch. 7): given the input and the correct output, score "
+                                    "the model response 0-100, reply with the integer only. Replies are cached as "
+                                    "they arrive: a rerun asks only for what is not scored yet.")
+    j.add_argument("responses", help="responses JSONL from `scratchllm eval generate`")
+    j.add_argument("--judge-url", required=True,
+                   help="OpenAI-compatible server: http://host:port, .../v1 or .../chat/completions")
+    j.add_argument("--judge-model", required=True, help="model name the judge server serves (sent as \"model\")")
+    j.add_argument("--out", help="scores JSONL (default: <responses stem>.scores.jsonl beside it)")
+    j.add_argument("--cache", help="reply cache, resumable (default: <responses stem>.judge-cache.jsonl beside it)")
+    j.add_argument("--report", help="Markdown report; the PNG goes beside it (default: <responses stem>.judge.md)")
+    j.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply (default 60)")
+    j.add_argument("--retries", type=int, default=3,
+                   help="retries per request on connection errors, timeouts, HTTP 429 and 5xx (default 3)")
+    j.add_argument("--workers", type=int, default=1, help="requests in flight at once (default 1)")
+    j.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each judge reply (default 16)")
+    j.add_argument("--api-key", help="sent as Authorization: Bearer (default: $OPENAI_API_KEY)")
+    j.set_defaults(func=_eval_judge)
+
+
 # --------------------------------------------------------------------------------------------- generate
 def _generate(args):
     from scratchllm.infer.commands import generate
@@ -416,6 +532,36 @@ def add_generate(sub) -> None:
     p.set_defaults(func=_generate)
 
 
+# --------------------------------------------------------------------------------------------- chat
+def _chat(args):
+    from scratchllm.infer.repl import chat
+
+    return chat(args)
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a model in its chat format (a terminal REPL; --message or stdin for scripts)",
+                       description="Commands: /system TEXT, /reset, /temperature X, /help, /exit. Ctrl-C stops the "
+                                   "current answer; Ctrl-C or Ctrl-D at the prompt leaves.")
+    p.add_argument("--model", required=True, help="an sft run folder, a checkpoint, or " + MODEL_HELP)
+    p.add_argument("--chat-format", choices=TEMPLATES, help="the chat format, when the model does not record one")
+    p.add_argument("--system", help="initial system prompt (default: the chat format's own, if any)")
+    p.add_argument("--message", action="append", metavar="TEXT",
+                   help="answer this message, then exit (repeatable; stdin is not read)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; default 0.7 (/temperature changes it)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top token's probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (e.g. 1.2)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (each answer is drawn with it)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights dtype (auto: bf16 where fast, else fp32)")
+    p.add_argument("--verbose", action="store_true", help="print tokens and tokens/s of each answer on stderr")
+    p.set_defaults(func=_chat)
+
+
 # --------------------------------------------------------------------------------------------- demo
 def _demo(args):
     from scratchllm.demo import run
@@ -432,8 +578,8 @@ def add_demo(sub) -> None:
 
 
 # Each entry registers one subcommand (group). Keep them in pipeline order.
-COMMANDS = [add_tokenizer, add_data, add_model, add_download, add_export, add_pretrain, add_classify, add_merge,
-            add_generate, add_demo]
+COMMANDS = [add_tokenizer, add_data, add_model, add_download, add_export, add_pretrain, add_classify, add_sft,
+            add_merge, add_generate, add_chat, add_eval, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
