@@ -25,6 +25,7 @@ SMOKE = {  # script -> (smoke-mode arguments, the line that reports its ratio ag
     "model_step": (["--quick", "--repeats", "1"], "x HF)"),
     "open_weights": (["--quick"], "(target >= 1.5x)"),
     "classify": (["--quick", "--repeats", "1"], "ratio ours/peer"),
+    "sft": (["--quick", "--steps", "1"], "speed ours/peer"),
 }
 # the scripts that time torch in bf16 -> smoke arguments for the run as on a CPU without fast bf16
 # (train: ours only, it is the slowest; the skip decision is the same for both implementations)
@@ -34,6 +35,7 @@ WITHOUT_FAST_BF16 = {
     "model_step": ["--quick", "--repeats", "1"],
     "open_weights": ["--quick"],
     "classify": ["--quick", "--repeats", "1"],
+    "sft": ["--quick", "--steps", "1"],
 }
 # run a script as `python benchmarks/NAME.py ARGV` would, but with no fast bf16 on this CPU
 AS_ON_AVX2 = """import runpy, sys
