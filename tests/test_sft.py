@@ -469,7 +469,7 @@ def test_encoded_counts_cut_and_skipped_examples():
     assert enc.pairs[0] == (render_conversation(list(convs[0].messages), "chatml", tok)[0][:23],
                             [X] * 20 + list(b"xyz"))
     assert enc.pairs[1][1] == [X] * 20 + list(b"lon")
-    assert "2 answers cut at --max-length 23; 1 skipped" in enc.summary("train", 23)
+    assert "2 answers cut at --max-length 23; 1 skipped" in enc.summary(23)
     every = Encoded(convs, FORMATS["chatml"], tok, max_length=64, pad_id=0, mask_prompt=False)
     inputs = [h + len(a) + 1 for h, a in zip(head, ("xyz", "x", "long answer"))]  # 25, 29, 33
     assert every.trained == every.tokens == sum(inputs) and every.cut == every.skipped == 0

@@ -510,7 +510,7 @@ def add_generate(sub) -> None:
     what.add_argument("--chat", metavar="MESSAGE",
                       help="a user message, answered in the model's chat format (`-` reads it from stdin)")
     p.add_argument("--system", help="with --chat: the system prompt (default: the model's own, if any)")
-    p.add_argument("--chat-format", choices=["chatml", "llama3", "alpaca"],
+    p.add_argument("--chat-format", choices=TEMPLATES,
                    help="with --chat: the format to use when the model does not record one")
     p.add_argument("--max-new-tokens", type=int, default=100, help="most tokens to generate (default 100)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; default 1.0")

@@ -53,10 +53,11 @@ def replace_tokenizer(model, own, spec: str, model_path: str):
     return tokenizer
 
 
-def chat_prompt(args, loaded, tokenizer) -> tuple[list[int], list[int]]:
-    """(prompt ids, stop ids) of `--chat MESSAGE`: the conversation [system?, user] rendered in the
-    model's chat format (or --chat-format), ending with the assistant's turn opened."""
-    from scratchllm.tokenizer.chat import FORMATS, render, stop_ids
+def chat_prompt(args, loaded, tokenizer) -> tuple[list[int], list[int | str]]:
+    """(prompt ids, stops) of `--chat MESSAGE`: the conversation [system?, user] rendered in the
+    model's chat format (or --chat-format), ending with the assistant's turn opened; the stops are
+    token ids, and texts for markers the tokenizer lacks as special tokens (phi3 on GPT-2's)."""
+    from scratchllm.tokenizer.chat import FORMATS, render, stop_sequences
 
     fmt = FORMATS[args.chat_format] if args.chat_format else loaded.chat
     if fmt is None:
@@ -65,7 +66,7 @@ def chat_prompt(args, loaded, tokenizer) -> tuple[list[int], list[int]]:
     message = sys.stdin.read() if args.chat == "-" else args.chat
     messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
         [{"role": "user", "content": message}]
-    return render(fmt, messages, tokenizer, add_generation_prompt=True), stop_ids(fmt, tokenizer)
+    return render(fmt, messages, tokenizer, add_generation_prompt=True), stop_sequences(fmt, tokenizer)
 
 
 def generate(args) -> int:
@@ -92,9 +93,11 @@ def generate(args) -> int:
     engine = Engine(model, tokenizer)
 
     stop_ids = [] if tokenizer.eot_token is None or args.ignore_eot else [tokenizer.eot_token]
+    text_stops: list[str] = []
     if args.chat is not None:
         prompt, (prompt_ids, chat_stops) = "", chat_prompt(args, loaded, tokenizer)
-        stop_ids += [] if args.ignore_eot else chat_stops
+        stop_ids += [] if args.ignore_eot else [t for t in chat_stops if isinstance(t, int)]
+        text_stops = [t for t in chat_stops if isinstance(t, str)]  # cut by the detokenizer, which sees them whole
     else:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         try:
@@ -103,7 +106,7 @@ def generate(args) -> int:
             raise ScratchError(f"--prompt: {e}") from None
         if not prompt_ids and tokenizer.eot_token is not None:
             prompt_ids = [tokenizer.eot_token]  # an empty prompt: start from <|endoftext|>, as GPT-2 does
-    stop_strings = [unescape(s) for s in args.stop or []]
+    stop_strings = [unescape(s) for s in args.stop or []] + text_stops
     tokens = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                              stop=stop_ids, seed=args.seed, truncate=not args.no_truncate)

@@ -596,6 +596,9 @@ class Trainer:
         cfg_file = self.out_dir / "config.toml"
         info = {**self.info, "precision": self.precision, "device": self.device, "processes": self.world,
                 "skipped steps": self.skipped_steps}
+        rates = sorted(r["count_per_s"] for r in records if r.get("split") == "train" and r.get("count_per_s"))
+        if self.count_label and rates:  # (SFT: trained tokens per second, beside the throughput of all tokens)
+            info[self.count_label] = f"median {rates[len(rates) // 2]:,.0f}"
         if self.best["step"] is not None:
             info["best model"] = (f"{ckpt.BEST}/ ({self.cfg.best_metric} {self.best['value']:.4f} at step "
                                   f"{self.best['step']})")

@@ -123,8 +123,8 @@ class Encoded:
 
         return collate_lm([[self.pairs[j] for j in self.rows[i]] for i in indices], self.pad_id)
 
-    def summary(self, name: str, max_length: int) -> str:
-        s = f"{name}: {len(self.pairs)} examples, {self.tokens:,} tokens ({self.trained:,} trained)"
+    def summary(self, max_length: int) -> str:
+        s = f"{len(self.pairs)} examples, {self.tokens:,} tokens ({self.trained:,} trained)"
         if self.cut:
             s += f"; {self.cut} answers cut at --max-length {max_length}"
         if self.skipped:
@@ -254,8 +254,8 @@ def sft(cfg: SFTConfig, *, resume=None, overwrite: bool = False) -> dict:
                          + (f" ({count_lora_parameters(model):,} in LoRA adapters, rank {cfg.lora_rank}"
                             + (", plus the embedding" if added else "") + ")" if lora else ""),
             "data": f"{cfg.data}: {len(train)} train / {len(val)} val / {len(test)} test records",
-            "train": tr.summary("train", max_length) + (f" in {len(tr)} packed rows" if cfg.pack else ""),
-            "val": va.summary("val", max_length),
+            "train": tr.summary(max_length) + (f" in {len(tr)} packed rows" if cfg.pack else ""),
+            "val": va.summary(max_length),
             "loss on": "the assistant's answers" if cfg.mask_prompt else "every token (--no-mask-prompt)",
             "epochs": f"{tc.epochs} ({tc.max_steps} steps of {tc.batch_size * tc.grad_accum * run.world})"
             if tc.epochs else f"{tc.max_steps} steps"}
@@ -269,8 +269,8 @@ def sft(cfg: SFTConfig, *, resume=None, overwrite: bool = False) -> dict:
     stage.write_config(run)
     if run.rank == 0:
         atomic_write_text(out / TEST_FILE, "".join(json.dumps(to_record(c), ensure_ascii=False) + "\n" for c in test))
-    for line in (info["train"], info["val"]):
-        print0(line)
+    for name in ("train", "val"):
+        print0(f"{name}: {info[name]}")
     print0(f"fine-tuning {cfg.model} on instructions ({fmt.name} format): {info['trainable']}; "
            f"{trainer.precision} on {trainer.device}; run folder {out}")
     summary = trainer.fit()
