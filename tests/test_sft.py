@@ -684,7 +684,7 @@ def test_no_mask_prompt_trains_on_every_token(runs, inputs, tmp_path):
 
 def test_packing_puts_several_examples_in_a_row(inputs, tmp_path, capsys):
     run = tmp_path / "packed"
-    assert cli(*sft_args(inputs.base, inputs.data, run, "--pack", steps=4)) == 0
+    assert cli(*sft_args(inputs.base, inputs.data, run, "--pack", "--max-length", "128", steps=4)) == 0
     out = capsys.readouterr().out
     found = re.search(r"train: 20 examples, ([\d,]+) tokens \(\d+ trained\) in (\d+) packed rows", out)
     tokens, rows = int(found.group(1).replace(",", "")), int(found.group(2))

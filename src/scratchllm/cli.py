@@ -166,7 +166,7 @@ def add_train_flags(p) -> None:
     (`--max-steps` -> train.max_steps); a flag not given leaves the TOML / default value."""
     t = p.add_argument_group("training (defaults in `scratchllm.configs.TrainConfig`)")
     for flag, typ, hlp in [
-        ("--max-steps", int, "optimizer steps"), ("--epochs", int, "passes over the training data (sets max-steps)"),
+        ("--max-steps", int, "optimizer steps (alone: replaces a stage's default --epochs)"), ("--epochs", int, "passes over the training data (sets max-steps)"),
         ("--batch-size", int, "items per micro-batch per process"),
         ("--grad-accum", int, "micro-batches per step"), ("--batch-tokens", int, "global batch in tokens (sets grad-accum)"),
         ("--lr", float, "peak learning rate"), ("--min-lr", float, "floor of the decay"),
@@ -403,7 +403,7 @@ def _eval_loss(args):
     return run_loss(args)
 
 
-TEMPLATES = ["alpaca", "chatml", "llama3", "phi3", "markers"]
+TEMPLATES = ["alpaca", "chatml", "llama3", "phi3", "markers"]  # tokenizer/chat.py NAMES (not imported: --help stays fast)
 
 
 def add_sft(sub) -> None:
@@ -430,7 +430,8 @@ def add_sft(sub) -> None:
     g.add_argument("--max-length", type=int, help="tokens per example, longer ones cut and counted "
                                                   "(default: the model's block_size)")
     g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
-                   help="pack several examples into each row (attention never crosses between them)")
+                   help="pack several examples into rows of --max-length tokens (attention never crosses between "
+                        "them; --batch-size then counts rows)")
     g.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank instead of every weight")
     g.add_argument("--lora-alpha", type=float, help="adapter scale alpha, the update is alpha/r B A (default 16)")
     g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
@@ -511,7 +512,7 @@ def add_generate(sub) -> None:
                       help="a user message, answered in the model's chat format (`-` reads it from stdin)")
     p.add_argument("--system", help="with --chat: the system prompt (default: the model's own, if any)")
     p.add_argument("--chat-format", choices=TEMPLATES,
-                   help="with --chat: the format to use when the model does not record one")
+                   help="with --chat: the chat format (default: the model's own)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="most tokens to generate (default 100)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; default 1.0")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
@@ -544,7 +545,8 @@ def add_chat(sub) -> None:
                        description="Commands: /system TEXT, /reset, /temperature X, /help, /exit. Ctrl-C stops the "
                                    "current answer; Ctrl-C or Ctrl-D at the prompt leaves.")
     p.add_argument("--model", required=True, help="an sft run folder, a checkpoint, or " + MODEL_HELP)
-    p.add_argument("--chat-format", choices=TEMPLATES, help="the chat format, when the model does not record one")
+    p.add_argument("--chat-format", choices=TEMPLATES,
+                   help="the chat format (default: the model's own; naming the model's own keeps its system prompt)")
     p.add_argument("--system", help="initial system prompt (default: the chat format's own, if any)")
     p.add_argument("--message", action="append", metavar="TEXT",
                    help="answer this message, then exit (repeatable; stdin is not read)")

@@ -237,7 +237,7 @@ class SFTConfig:
     add_tokens: bool = False  # add the template's missing special tokens to the tokenizer (grows the embedding)
     mask_prompt: bool = True  # train only on the assistant's answers (False: on every token, the book's main text)
     max_length: int = 0  # tokens per example (longer ones cut, and counted); 0 = the model's block_size
-    pack: bool = False  # put several examples in one row (attention never crosses between them)
+    pack: bool = False  # put several examples in rows of max_length tokens (attention never crosses between them)
     lora_rank: int = 0  # train LoRA adapters of this rank instead of every weight; 0 = full fine-tuning
     lora_alpha: float = 16.0  # the adapters' scale alpha (the update is alpha / r * B A)
     lora_dropout: float = 0.0  # dropout on the adapters' input
@@ -265,6 +265,9 @@ class SFTConfig:
                 or abs(sum(self.split) - 1) > 1e-6:
             raise ScratchError(f"--split {' '.join(map(str, self.split))}: give three fractions train val test, each "
                                "> 0, summing to 1 (e.g. the book's 0.85 0.05 0.10)")
+        if self.pack and not self.max_length:
+            raise ScratchError("--pack needs --max-length N: the length of the packed rows (e.g. 1024; --batch-size "
+                               "then counts rows of N tokens)")
         if self.max_length < 0 or self.samples < 0:
             raise ScratchError(f"max_length and samples must be >= 0 (got {self.max_length}, {self.samples})")
         if self.lora_rank < 0 or (self.lora_rank and (not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1)):

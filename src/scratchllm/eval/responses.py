@@ -45,7 +45,7 @@ def default_data(model: str, data: str | None) -> str:
 
 def open_for_eval(args):
     """(model in the chosen precision, tokenizer, chat format, device, precision) of --model."""
-    from scratchllm.train.sft import add_format_tokens, choose_format
+    from scratchllm.train.sft import choose_format
     from scratchllm.weights.checkpoint import open_model
 
     device = select_device(args.device)
@@ -54,8 +54,6 @@ def open_for_eval(args):
     if loaded.tokenizer is None:
         raise ScratchError(f"--model {args.model} has no tokenizer/ folder")
     fmt = choose_format(args.template or "", loaded.chat, args.model)
-    if fmt.name == "markers":
-        add_format_tokens(loaded.model, loaded.tokenizer, fmt)  # a model not trained on them: mean rows
     return loaded.model, loaded.tokenizer, fmt, device, precision
 
 

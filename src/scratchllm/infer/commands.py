@@ -57,9 +57,9 @@ def chat_prompt(args, loaded, tokenizer) -> tuple[list[int], list[int | str]]:
     """(prompt ids, stops) of `--chat MESSAGE`: the conversation [system?, user] rendered in the
     model's chat format (or --chat-format), ending with the assistant's turn opened; the stops are
     token ids, and texts for markers the tokenizer lacks as special tokens (phi3 on GPT-2's)."""
-    from scratchllm.tokenizer.chat import FORMATS, render, stop_sequences
+    from scratchllm.tokenizer.chat import FORMATS, pick_format, render, stop_sequences
 
-    fmt = FORMATS[args.chat_format] if args.chat_format else loaded.chat
+    fmt = pick_format(args.chat_format, loaded.chat)
     if fmt is None:
         raise ScratchError(f"{args.model} does not say which chat format it speaks (no chat.json, or a chat "
                            f"template we do not know): pass --chat-format ({', '.join(FORMATS)})")

@@ -46,7 +46,7 @@ from typing import TextIO
 from scratchllm.common import ScratchError, select_device, select_precision, torch_dtype
 from scratchllm.infer.detok import Detokenizer
 from scratchllm.infer.engine import split_stop, text_deltas
-from scratchllm.tokenizer.chat import FORMATS, ChatFormat, render, stop_sequences
+from scratchllm.tokenizer.chat import FORMATS, ChatFormat, pick_format, render, stop_sequences
 
 HELP = """commands:
   /system TEXT    set the system prompt (the conversation is kept)
@@ -244,7 +244,7 @@ def chat(args) -> int:
     loaded = open_model(args.model, device=device)
     if loaded.tokenizer is None:
         raise ScratchError(f"{args.model} has no tokenizer/ folder: a chat needs the model's tokenizer")
-    fmt = FORMATS[args.chat_format] if args.chat_format else loaded.chat
+    fmt = pick_format(args.chat_format, loaded.chat)
     if fmt is None:
         raise ScratchError(f"{args.model} does not say which chat format it speaks (no chat.json, or a chat "
                            f"template we do not know): pass --chat-format ({', '.join(FORMATS)})")

@@ -64,7 +64,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout)
         self.enabled = True
-        self._cast: tuple | None = None  # (weight identity, the frozen weight in autocast's dtype)
+        self._cast: tuple | None = None  # (the weight, (its version, dtype), its copy in autocast's dtype)
         self.train(base.training)  # a new module starts in train mode: follow the base's mode instead
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,14 +79,14 @@ class LoRALinear(nn.Module):
         the weight: autocast keeps casts only of weights that train, so it would cast a frozen one again at
         every call (measured: 11% of a bf16 LoRA step of SmolLM2-135M on the CPU, docs/benchmarks.md)."""
         w = self.weight
-        device = x.device.type
-        if w.requires_grad or not torch.is_autocast_enabled(device):
+        if (w.requires_grad or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
+                or torch.compiler.is_compiling()):  # (measured on the CPU only; compiled graphs fuse the cast)
             return w
-        dtype = torch.get_autocast_dtype(device)
-        key = (w.data_ptr(), w._version, dtype)
-        if self._cast is None or self._cast[0] != key:
-            self._cast = (key, w.detach().to(dtype))
-        return self._cast[1]
+        dtype = torch.get_autocast_dtype("cpu")
+        cached = self._cast
+        if cached is None or cached[0] is not w or cached[1] != (w._version, dtype):  # replaced or edited in place
+            self._cast = cached = (w, (w._version, dtype), w.detach().to(dtype))
+        return cached[2]
 
     def merged_weight(self) -> torch.Tensor:
         """W0 + scaling * B A, computed in float32 and cast back to the weight's dtype."""

@@ -25,8 +25,7 @@ from scratchllm.common import ScratchError
 def _grown(weight: torch.Tensor, vocab_size: int, first_new: int) -> torch.Tensor:
     """A (vocab_size, C) copy of weight (V, C): rows < first_new kept, the others their mean."""
     out = torch.empty(vocab_size, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    n = min(weight.shape[0], first_new)
-    out[:n] = weight[:n]
+    out[:first_new] = weight[:first_new]
     out[first_new:] = weight[:first_new].float().mean(0).to(weight.dtype)  # (C,) broadcast to the new rows
     return out
 
@@ -41,8 +40,7 @@ def grow_vocab(model: nn.Module, vocab_size: int, first_new: int) -> nn.Module:
     tied = head.weight is wte.weight
     model.transformer.wte = nn.Embedding(vocab_size, wte.embedding_dim, _weight=nn.Parameter(
         _grown(wte.weight, vocab_size, first_new), requires_grad=wte.weight.requires_grad))
-    model.lm_head = nn.Linear(head.in_features, vocab_size, bias=False, device=head.weight.device,
-                              dtype=head.weight.dtype)
+    model.lm_head = nn.Linear(head.in_features, vocab_size, bias=False, device="meta")  # its weight comes next
     model.lm_head.weight = model.transformer.wte.weight if tied else nn.Parameter(
         _grown(head.weight, vocab_size, first_new), requires_grad=head.weight.requires_grad)
     model.config = replace(model.config, vocab_size=vocab_size)

@@ -108,6 +108,14 @@ FORMATS: dict[str, ChatFormat] = {"chatml": CHATML, "llama3": LLAMA3, "alpaca": 
 ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # phi3's and markers' token texts
 
 
+def pick_format(name: str | None, own: ChatFormat | None) -> ChatFormat | None:
+    """The format named (the model's own settings, such as its default system prompt, when the model
+    speaks that format), else the model's own (None when neither)."""
+    if name:
+        return own if own is not None and own.name == name else FORMATS[name]
+    return own
+
+
 def alpaca_prompt(instruction: str, input: str = "", preamble: str | None = ALPACA_PREAMBLE) -> str:
     """The book's prompt (ch. 7 `format_input` + the response header): append the response to train.
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from scratchllm.common import ScratchError, print0, torch_dtype
 from scratchllm.configs import PretrainConfig
 from scratchllm.train import stage
-from scratchllm.train.core import Trainer, write_safetensors
+from scratchllm.train.core import Trainer
 from scratchllm.train.objectives import next_token_objective, perplexity
 from scratchllm.weights.folder import write_adapter_files, write_state_files
 
@@ -169,7 +169,7 @@ def pretrain(cfg: PretrainConfig, *, resume=None, overwrite: bool = False) -> di
         if lora:
             write_adapter_files(folder, state, base, lora, mcfg, tokenizer)
             return
-        write_state_files(folder, state, mcfg, tokenizer, write_weights=write_safetensors)
+        write_state_files(folder, state, mcfg, tokenizer)
 
     info = {"model": cfg.model or f"preset {cfg.model_preset}",
             "parameters": f"{model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)"

@@ -55,12 +55,11 @@ def load_splits(cfg: SFTConfig):
 def choose_format(template: str, loaded_chat, source: str):
     """The ChatFormat to train or prompt with: --template NAME (the model's own settings, such as its
     default system prompt, when it speaks that format), else the model's own, else alpaca."""
-    from scratchllm.tokenizer.chat import FORMATS
+    from scratchllm.tokenizer.chat import FORMATS, pick_format
 
-    if template:
-        return loaded_chat if loaded_chat is not None and loaded_chat.name == template else FORMATS[template]
-    if loaded_chat is not None:
-        return loaded_chat
+    fmt = pick_format(template, loaded_chat)
+    if fmt is not None:
+        return fmt
     print0(f"{source} does not record a chat format: using alpaca (the book's; --template picks another)")
     return FORMATS["alpaca"]
 
@@ -181,6 +180,7 @@ def make_sampler(convs, fmt, tokenizer, n_tokens: int):
 
     stops = {s for s in stop_sequences(fmt, tokenizer) if isinstance(s, int)} | (
         {tokenizer.eot_token} if tokenizer.eot_token is not None else set())
+    texts = [s for s in stop_sequences(fmt, tokenizer) if isinstance(s, str)]  # phi3's markers as text
     prompts = []
     for conv in convs:
         messages = for_format(conv, fmt.name)
@@ -190,7 +190,12 @@ def make_sampler(convs, fmt, tokenizer, n_tokens: int):
     def sample(model) -> str:
         was_training = model.training
         model.eval()
-        answers = [f"{q[:40]} -> {tokenizer.decode(greedy(model, p, n_tokens, stops))}" for q, p in prompts]
+        answers = []
+        for question, prompt in prompts:
+            text = tokenizer.decode(greedy(model, prompt, n_tokens, stops))
+            for t in texts:
+                text = text.split(t)[0]
+            answers.append(f"{question[:40]} -> {text}")
         model.train(was_training)
         return " | ".join(answers)
     return sample
@@ -202,7 +207,7 @@ def sft(cfg: SFTConfig, *, resume=None, overwrite: bool = False) -> dict:
     from scratchllm.data.collate import ExampleBatches, in_order
     from scratchllm.data.instructions import to_record
     from scratchllm.model.lora import apply_lora, count_lora_parameters, lora_settings
-    from scratchllm.train.core import Trainer, write_safetensors
+    from scratchllm.train.core import Trainer
     from scratchllm.train.objectives import masked_lm_objective, perplexity
     from scratchllm.weights.checkpoint import open_model
     from scratchllm.weights.folder import write_adapter_files, write_state_files
@@ -244,8 +249,12 @@ def sft(cfg: SFTConfig, *, resume=None, overwrite: bool = False) -> dict:
             write_adapter_files(folder, state, base, lora, mcfg, tokenizer, chat=fmt, also_trained=also_trained,
                                 new_rows_from=new_rows_from)
         else:
-            write_state_files(folder, state, mcfg, tokenizer, chat=fmt, write_weights=write_safetensors)
+            write_state_files(folder, state, mcfg, tokenizer, chat=fmt)
 
+    if cfg.pack and len(tr) < tc.batch_size * run.world:
+        raise ScratchError(f"--pack made {len(tr)} rows of up to {max_length} tokens from {len(tr.pairs)} examples, "
+                           f"fewer than one global batch of {tc.batch_size * run.world} rows: lower --max-length or "
+                           "--batch-size")
     batches = ExampleBatches(len(tr), tc.batch_size, tr.collate, seed=tc.seed, rank=run.rank, world_size=run.world)
     stage.steps_for_epochs(tc, batches.batches_per_epoch)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -257,7 +266,8 @@ def sft(cfg: SFTConfig, *, resume=None, overwrite: bool = False) -> dict:
             "train": tr.summary(max_length) + (f" in {len(tr)} packed rows" if cfg.pack else ""),
             "val": va.summary(max_length),
             "loss on": "the assistant's answers" if cfg.mask_prompt else "every token (--no-mask-prompt)",
-            "epochs": f"{tc.epochs} ({tc.max_steps} steps of {tc.batch_size * tc.grad_accum * run.world})"
+            "epochs": f"{tc.epochs} ({tc.max_steps} steps of {tc.batch_size * tc.grad_accum * run.world}"
+                      f"{' packed rows' if cfg.pack else ' examples'})"
             if tc.epochs else f"{tc.max_steps} steps"}
     sample_fn = make_sampler(va.convs[:cfg.samples], fmt, tokenizer, tc.sample_tokens) if cfg.samples else None
     trainer = Trainer(model, tc, masked_lm_objective, batches, out_dir=out,

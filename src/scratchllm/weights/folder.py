@@ -57,20 +57,21 @@ def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, met
         (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def write_state_files(folder: str | Path, state_dict: dict, model_config, tokenizer, chat=None,
-                      write_weights=None) -> None:
-    """A training checkpoint's model files from a full state dict: model.safetensors (`write_weights`,
-    default safetensors' save_file), config.json, tokenizer/ and chat.json (when given)."""
+def write_model_meta(folder: str | Path, model_config, tokenizer, chat=None) -> None:
+    """config.json, tokenizer/ (when given) and chat.json (when given) of a model folder."""
     folder = Path(folder)
-    if write_weights is None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
-    else:
-        write_weights(folder, state_dict)
     (folder / CONFIG).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(folder / TOKENIZER_DIR)
     if chat is not None:
         (folder / CHAT).write_text(json.dumps(chat.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+def write_state_files(folder: str | Path, state_dict: dict, model_config, tokenizer, chat=None) -> None:
+    """A training checkpoint's model files from a full state dict: model.safetensors (as the Trainer
+    gives it: unwrapped, the tied head once) and write_model_meta's."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(Path(folder) / WEIGHTS))
+    write_model_meta(folder, model_config, tokenizer, chat)
 
 
 def write_adapter_files(folder: str | Path, state_dict: dict, base: str, lora: dict, model_config,
@@ -85,7 +86,7 @@ def write_adapter_files(folder: str | Path, state_dict: dict, base: str, lora: d
     spec = {"base": base, "lora": lora, "vocab_size": model_config.vocab_size, "also_trained": list(also_trained),
             "new_rows_from": new_rows_from}
     (folder / ADAPTER).write_text(json.dumps(spec, indent=2) + "\n")
-    write_state_files(folder, {}, model_config, tokenizer, chat, write_weights=lambda folder, state: None)
+    write_model_meta(folder, model_config, tokenizer, chat)
 
 
 def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: dict | None = None,
