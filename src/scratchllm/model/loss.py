@@ -52,16 +52,17 @@ def _lse_and_grad(logits: torch.Tensor, t: torch.Tensor, row_scale: torch.Tensor
     return lse, e.mul_(row_scale / total).scatter_add_(1, t, -row_scale)  # softmax * s - onehot * s
 
 
-def _chunked(x, weight, targets, dtype, chunk_rows, row_weight=None):
+def _chunked(x, weight, targets, dtype, chunk_rows, row_weight=None, grad_weight: bool = True):
     """The per-row loss (N,) of the logits x @ weight.T, 0 on ignored rows, chunk by chunk; with
-    row_weight (N,) fp32 also the gradients of sum(row_weight * loss) with respect to x and weight
-    (row_weight must be 0 on ignored rows)."""
+    row_weight (N,) fp32 also the gradients of sum(row_weight * loss) with respect to x and (unless
+    grad_weight is False: a frozen output layer, as under LoRA) weight (row_weight must be 0 on ignored
+    rows)."""
     N = x.shape[0]
     need_grad = row_weight is not None
     xc, wc = x.to(dtype), weight.to(dtype)  # (N, C), (V, C) in the matmul dtype
     per_row = torch.empty(N, dtype=torch.float32, device=x.device)
     grad_x = torch.empty_like(x) if need_grad else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad and grad_weight else None
     for s in range(0, N, chunk_rows):
         rows = slice(s, min(s + chunk_rows, N))
         t = targets[rows].clamp(min=0)[:, None]  # (n, 1), ignored rows point at class 0
@@ -72,12 +73,14 @@ def _chunked(x, weight, targets, dtype, chunk_rows, row_weight=None):
         if need_grad:
             g = g.to(dtype)  # (n, V) d loss / d logits
             grad_x[rows] = (g @ wc).to(x.dtype)  # (n, C)
+            if grad_w is None:
+                continue
             if dtype == torch.float32:
                 torch.addmm(grad_w, g.T, xc[rows], out=grad_w)  # (V, C), accumulated in place
             else:
                 grad_w += g.T @ xc[rows]  # (V, C): bf16 product, fp32 sum over chunks
     per_row = torch.where(targets != IGNORE_INDEX, per_row, 0.0)  # (N,)
-    return per_row, grad_x, grad_w.to(weight.dtype) if need_grad else None
+    return per_row, grad_x, grad_w.to(weight.dtype) if grad_w is not None else None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -94,7 +97,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = valid.sum()
         scale = 1.0 / n_valid.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=x.device)
         row_weight = valid.float() * scale if need_grad else None  # (N,): d loss / d per-row loss
-        per_row, grad_x, grad_w = _chunked(x, weight, targets, dtype, chunk_rows, row_weight)
+        per_row, grad_x, grad_w = _chunked(x, weight, targets, dtype, chunk_rows, row_weight, ctx.needs_input_grad[1])
         if need_grad:
             ctx.save_for_backward(grad_x, grad_w)
         loss = per_row.sum()
@@ -108,10 +111,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             x, weight, targets = ctx.saved_tensors
             row_weight = grad_loss.float() * (targets != IGNORE_INDEX)  # (N,) upstream gradient per row
             with torch.autocast(x.device.type, enabled=False):
-                _, grad_x, grad_w = _chunked(x, weight, targets, ctx.dtype, ctx.chunk_rows, row_weight)
+                _, grad_x, grad_w = _chunked(x, weight, targets, ctx.dtype, ctx.chunk_rows, row_weight,
+                                             ctx.needs_input_grad[1])
             return grad_x, grad_w, None, None, None, None, None
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None, None
+        return grad_x * grad_loss, None if grad_w is None else grad_w * grad_loss, None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
