@@ -257,7 +257,9 @@ CASES = {
     ("eval", "judge"): [
         ("missing responses", "eval judge {w}/nope.jsonl --judge-url http://127.0.0.1:9 --judge-model m", "nope.jsonl"),
         ("responses not JSON", "eval judge {w}/badinstr.jsonl --judge-url http://127.0.0.1:9 --judge-model m",
-         "badinstr.jsonl:1"),
+         "badinstr.jsonl:2: not valid JSON"),
+        ("a JSON array, not lines", "eval judge {w}/nooutput.json --judge-url http://127.0.0.1:9 --judge-model m",
+         "nooutput.json:1: expected a JSON object"),
         ("url not http", "eval judge {w}/answers-ok.jsonl --judge-url ftp://x --judge-model m", "ftp://x"),
         ("timeout 0", "eval judge {w}/answers-ok.jsonl --judge-url http://127.0.0.1:9 --judge-model m --timeout 0",
          "--timeout"),

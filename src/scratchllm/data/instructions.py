@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scratchllm.common import ScratchError
+from scratchllm.io.jsonl import read_jsonl, read_utf8
 
 ROLES = ("system", "user", "assistant")
 
@@ -76,31 +77,19 @@ def read_conversations(spec: str) -> list[Conversation]:
         raise ScratchError(f"{path} is a folder: give a .json or .jsonl file of instruction records")
     if path.suffix.lower() not in (".json", ".jsonl"):
         raise ScratchError(f"{path}: expected a .json file (an array of records) or .jsonl (one record per line)")
+    if path.suffix.lower() == ".jsonl":
+        return _nonempty(path, [_record(obj, where) for where, obj in read_jsonl(path)])
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScratchError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ScratchError(f"{path}: cannot read it as UTF-8 text ({e})") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ScratchError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .jsonl file holds one record per "
-                               "line") from None
-        if not isinstance(data, list):
-            raise ScratchError(f"{path}: expected a JSON array of records, got a {type(data).__name__}")
-        convs = [_record(obj, f"{path}[{i}]") for i, obj in enumerate(data)]
-    else:
-        convs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ScratchError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            convs.append(_record(obj, f"{path}:{n}"))
+        data = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise ScratchError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .jsonl file holds one record per "
+                           "line") from None
+    if not isinstance(data, list):
+        raise ScratchError(f"{path}: expected a JSON array of records, got a {type(data).__name__}")
+    return _nonempty(path, [_record(obj, f"{path}[{i}]") for i, obj in enumerate(data)])
+
+
+def _nonempty(path: Path, convs: list[Conversation]) -> list[Conversation]:
     if not convs:
         raise ScratchError(f"{path}: no records")
     return convs

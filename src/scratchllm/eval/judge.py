@@ -39,6 +39,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from scratchllm.common import Progress, ScratchError, atomic_write_text, check_can_create, print0
+from scratchllm.io.jsonl import read_jsonl
 
 FIELDS = ("instruction", "input", "output", "response")  # what every responses line must hold
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 8.0  # seconds: wait BACKOFF_BASE * 2**k before retry k+1, capped
@@ -103,24 +104,14 @@ def chat_url(url: str) -> str:
 def read_responses(path: str | Path) -> list[dict]:
     """The JSON objects of a responses file, each checked to hold FIELDS as strings; blank lines skipped."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ScratchError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     entries = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ScratchError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for where, entry in read_jsonl(path):
         if not isinstance(entry, dict):
-            raise ScratchError(f"{path}:{i}: expected a JSON object, got a {type(entry).__name__}")
+            raise ScratchError(f"{where}: expected a JSON object, got a {type(entry).__name__}")
         for field in FIELDS:
             if not isinstance(entry.get(field), str):
                 what = "is missing" if field not in entry else f"must be a string, got {type(entry[field]).__name__}"
-                raise ScratchError(f"{path}:{i}: field {field!r} {what} (each line needs {', '.join(FIELDS)})")
+                raise ScratchError(f"{where}: field {field!r} {what} (each line needs {', '.join(FIELDS)})")
         entries.append(entry)
     if not entries:
         raise ScratchError(f"{path} holds no responses: expected JSON lines with {', '.join(FIELDS)} "
