@@ -155,3 +155,15 @@ def chat_tokenizer_files(tiny_chat_tokenizer, tmp_path_factory) -> dict[str, byt
     from open_weights_helpers import export_chat_tokenizer_files
 
     return export_chat_tokenizer_files(tiny_chat_tokenizer, tmp_path_factory.mktemp("chat_tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two that fight (and another job may hold the cores).
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
+from scripted import ScriptedModel
 
 from scratchllm.common import ScratchError
 from scratchllm.infer.engine import Engine, split_stop
@@ -240,34 +240,6 @@ def test_split_stop():
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe([TEXT * 2], vocab_size=300, special_tokens=["<|endoftext|>"])
-
-
-class ScriptedModel(nn.Module):
-    """Stands in for a GPT whose next token is known: step i (counted from the end of the prompt)
-    puts all probability on script[i]. It follows the KVCache protocol like GPT does."""
-
-    def __init__(self, script, vocab_size):
-        super().__init__()
-        self.config = ModelConfig(block_size=256, vocab_size=vocab_size, n_layer=1, n_head=1, n_embd=4)
-        self.script = script
-        self.anchor = nn.Parameter(torch.zeros(1))  # the engine reads device and dtype from it
-        self.prompt_len = 0
-
-    def hidden_states(self, idx, kv_cache):
-        B, T = idx.shape
-        if kv_cache.pos == 0:
-            self.prompt_len = T
-        kv_cache.advance(T)
-        step = kv_cache.pos - self.prompt_len
-        return torch.full((B, T, 1), float(step))  # (B, T, 1) the step index, read by lm_head
-
-    def lm_head(self, h):
-        steps = h[..., 0].long().clamp(max=len(self.script) - 1)
-        ids = torch.tensor(self.script)[steps]
-        return torch.nn.functional.one_hot(ids, self.config.vocab_size).float() * 10  # (..., V)
-
-    def forward(self, idx, kv_cache):
-        return self.lm_head(self.hidden_states(idx, kv_cache))
 
 
 def test_stream_text_never_splits_utf8_and_equals_decode(tok):

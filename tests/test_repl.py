@@ -8,8 +8,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from scripted import ScriptedModel
 
 from scratchllm.common import ScratchError
 from scratchllm.infer.engine import Engine
@@ -18,31 +17,6 @@ from scratchllm.model import GPT, ModelConfig
 from scratchllm.tokenizer.chat import FORMATS, render
 
 CHATML = FORMATS["chatml"]
-
-
-class Scripted(nn.Module):
-    """Stands in for a GPT whose i-th new token is script[i] whatever the prompt (KVCache protocol)."""
-
-    def __init__(self, script: list[int], vocab_size: int, block_size: int = 256):
-        super().__init__()
-        self.config = ModelConfig(block_size=block_size, vocab_size=vocab_size, n_layer=1, n_head=1, n_embd=4)
-        self.script = script
-        self.anchor = nn.Parameter(torch.zeros(1))  # the engine reads device and dtype from it
-        self.prompt_len = 0
-
-    def hidden_states(self, idx, kv_cache):
-        B, T = idx.shape
-        if kv_cache.pos == 0:
-            self.prompt_len = T
-        kv_cache.advance(T)
-        return torch.full((B, T, 1), float(kv_cache.pos - self.prompt_len))  # (B, T, 1): the step
-
-    def lm_head(self, h):
-        ids = torch.tensor(self.script)[h[..., 0].long().clamp(max=len(self.script) - 1)]
-        return F.one_hot(ids, self.config.vocab_size).float() * 10  # (..., V)
-
-    def forward(self, idx, kv_cache):
-        return self.lm_head(self.hidden_states(idx, kv_cache))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +32,7 @@ def gpt(tok):
 
 def scripted_session(tok, text: str, fmt=CHATML, end: str | None = "<|im_end|>", block_size=512, **kw):
     script = tok.encode_ordinary(text) + ([tok.special_tokens[end]] if end else [])
-    engine = Engine(Scripted(script, tok.vocab_size, block_size), tok)
+    engine = Engine(ScriptedModel(script, tok.vocab_size, block_size), tok)
     return ChatSession(engine, tok, fmt, sampling={"temperature": 0}, **kw)
 
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from scripted import ScriptedModel
 from sft_helpers import TINY, base_model, cli, records, sft_args, toy_records, write_json, write_jsonl
 
 import scratchllm.train.objectives as objectives
@@ -79,13 +80,7 @@ def spans(mask) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two that fight (and another job may hold the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -817,30 +812,6 @@ def test_eval_loss_refuses_a_negative_max_length(runs, capsys):
     assert cli("eval", "loss", "--model", runs("lora"), "--max-length", "-2", *EVAL) == 2
 
 
-class Scripted(torch.nn.Module):
-    """Stands in for a GPT whose i-th new token is script[i] whatever the prompt (the KVCache protocol
-    Engine uses), so the text an answer must become is known in advance."""
-
-    def __init__(self, script: list[int], vocab_size: int):
-        super().__init__()
-        self.config = ModelConfig(block_size=256, vocab_size=vocab_size, n_layer=1, n_head=1, n_embd=4)
-        self.script, self.prompt_len = script, 0
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine reads device and dtype from it
-
-    def hidden_states(self, idx, kv_cache):
-        if kv_cache.pos == 0:
-            self.prompt_len = idx.shape[1]
-        kv_cache.advance(idx.shape[1])
-        return torch.full((*idx.shape, 1), float(kv_cache.pos - self.prompt_len))  # (B, T, 1): the step
-
-    def lm_head(self, h):
-        ids = torch.tensor(self.script)[h[..., 0].long().clamp(max=len(self.script) - 1)]
-        return F.one_hot(ids, self.config.vocab_size).float() * 10  # (..., V)
-
-    def forward(self, idx, kv_cache):
-        return self.lm_head(self.hidden_states(idx, kv_cache))
-
-
 def scripted_answers(tok, text: str, end: str | None, fmt: str, max_new: int = 20) -> list[str]:
     """The answers generate_responses writes for three questions when the model says `text` (then `end`)."""
     from scratchllm.data.instructions import Conversation
@@ -850,7 +821,7 @@ def scripted_answers(tok, text: str, end: str | None, fmt: str, max_new: int = 2
     script = tok.encode_ordinary(text) + ([tok.special_tokens[end]] if end else [])
     convs = [Conversation((msg(U, q, input=""), msg(A, "ref")), f"f[{i}]") for i, q in
              enumerate(["A rather long question, is it not?", "Short?", "Mid-sized one?"])]
-    rows = generate_responses(Engine(Scripted(script, tok.vocab_size), tok), convs, FORMATS[fmt], tok, max_new,
+    rows = generate_responses(Engine(ScriptedModel(script, tok.vocab_size), tok), convs, FORMATS[fmt], tok, max_new,
                               batch_size=2, progress=False)
     assert [(r["id"], r["where"], r["instruction"]) for r in rows] == [(i, c.where, c.messages[0]["content"])
                                                                         for i, c in enumerate(convs)]
