@@ -61,22 +61,14 @@ def generate_responses(engine, convs, fmt, tokenizer, max_new_tokens: int = 256,
                        temperature: float = 0.0, top_p: float | None = None, seed: int | None = None,
                        progress: bool = True) -> list[dict]:
     """One record per conversation: the reference fields and the model's answer to the last question."""
-    from scratchllm.data.instructions import for_format, instruction_fields
+    from scratchllm.data.instructions import instruction_fields
     from scratchllm.infer.detok import Detokenizer
-    from scratchllm.tokenizer.chat import render, stop_sequences
+    from scratchllm.infer.engine import text_deltas
+    from scratchllm.tokenizer.chat import turn_stops
+    from scratchllm.train.sft import answer_prompt
 
-    stops = stop_sequences(fmt, tokenizer) + ([tokenizer.eot_token] if tokenizer.eot_token is not None else [])
-    stop_ids = [s for s in stops if isinstance(s, int)]
-    stop_texts = [s for s in stops if isinstance(s, str)]  # (phi3's markers as text) cut here, not by the engine:
-    # an engine that stops on a string leaves no way to tell its start from a real end of the answer
-    prompts = []
-    for conv in convs:
-        messages = for_format(conv, fmt.name)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        try:
-            prompts.append(render(fmt, messages[:last], tokenizer))
-        except ScratchError as e:
-            raise ScratchError(f"{conv.where}: {e}") from None
+    stop_ids, stop_texts = turn_stops(fmt, tokenizer)
+    prompts = [answer_prompt(conv, fmt, tokenizer) for conv in convs]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     answers: dict[int, str] = {}
     bar = Progress(total=len(prompts), unit="answers", desc="generate", enabled=progress)
@@ -85,13 +77,7 @@ def generate_responses(engine, convs, fmt, tokenizer, max_new_tokens: int = 256,
         outs = engine.generate_batch([prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
                                      top_p=top_p, stop=stop_ids, seed=seed)
         for i, ids in zip(chunk, outs):
-            detok = Detokenizer(tokenizer, stop_texts)
-            text = []
-            for t in ids:
-                text.append(detok.push(t))
-                if detok.stopped:
-                    break
-            answers[i] = ("".join(text) + ("" if detok.stopped else detok.finish())).strip()
+            answers[i] = "".join(text_deltas(ids, Detokenizer(tokenizer, stop_texts))).strip()
         bar.update(len(chunk))
     bar.close()
     records = []

@@ -45,8 +45,8 @@ from typing import TextIO
 
 from scratchllm.common import ScratchError, select_device, select_precision, torch_dtype
 from scratchllm.infer.detok import Detokenizer
-from scratchllm.infer.engine import split_stop, text_deltas
-from scratchllm.tokenizer.chat import FORMATS, ChatFormat, pick_format, render, stop_sequences
+from scratchllm.infer.engine import text_deltas
+from scratchllm.tokenizer.chat import FORMATS, ChatFormat, pick_format, render, turn_stops
 
 HELP = """commands:
   /system TEXT    set the system prompt (the conversation is kept)
@@ -75,12 +75,7 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens
         self.sampling = {"temperature": 0.7, **(sampling or {})}
         self.verbose = verbose
-        eot = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
-        # ids end the generation in the engine; strings are found (and cut) by the Detokenizer, which
-        # sees every token: given to the engine too, it would end before their last token and the
-        # held-back start of the marker ("<|end") would leak out at the end
-        ids, self.stop_strings = split_stop(stop_sequences(fmt, tokenizer))
-        self.stop_ids = sorted(ids | set(eot))
+        self.stop_ids, self.stop_strings = turn_stops(fmt, tokenizer)  # ids end the engine; texts, the Detokenizer
         self.messages: list[dict] = []  # user and assistant messages, in turn (no system message)
         self.last_prompt: list[int] = []  # the ids the last answer was generated from
         self.last_stats = (0, 0.0)  # (tokens, seconds) of the last answer

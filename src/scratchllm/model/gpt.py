@@ -213,9 +213,8 @@ class GPT(nn.Module):
                     raise ScratchError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                                        f"(B, T) = {(B, T)} like idx")
                 mask = segment_causal_mask(attention_mask)  # (B, 1, T, T)
-                if positions is None:  # earlier tokens of the same example (padding: of the padding)
-                    same = attention_mask[:, :, None] == attention_mask[:, None, :]  # (B, T, T)
-                    positions = (same.tril().sum(-1) - 1)  # (B, T)
+                if positions is None:  # the keys a token sees: its example's tokens up to itself
+                    positions = mask[:, 0].sum(-1) - 1  # (B, T); a padding token sees itself only: 0
             if positions is None:
                 positions = torch.arange(T, device=idx.device)  # (T,)
             elif positions.shape not in ((T,), (B, T)):

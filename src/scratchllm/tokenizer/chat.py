@@ -38,6 +38,7 @@ Choices (the same in `render` and `jinja_template`):
     ids = render(fmt, [{"role": "user", "content": "Hi"}], tokenizer)   # ends with the assistant turn opened
     ids, mask = render_conversation(messages, "alpaca", tokenizer)      # mask[i] = 1: ids[i] is trained on
     stops = stop_sequences(fmt, tokenizer)                              # ids, and texts for text markers
+    ids, texts = turn_stops(fmt, tokenizer)                             # the same + <|endoftext|>, split
 """
 
 from __future__ import annotations
@@ -290,6 +291,18 @@ def stop_sequences(fmt: ChatFormat, tokenizer) -> list[int | str]:
     if fmt.name == "phi3":
         out += [s for s in fmt.stop if s not in tokenizer.special_tokens and s in ROLE_MARKERS]
     return out
+
+
+def turn_stops(fmt: ChatFormat, tokenizer) -> tuple[list[int], list[str]]:
+    """(ids, texts) that end the assistant's turn: the stop tokens the tokenizer has, plus its
+    <|endoftext|>, and phi3's markers written as text. Give the ids to Engine.generate and the texts to
+    a Detokenizer: it sees every token, so a text stop is cut exactly (an engine ending on a stop string
+    leaves its held-back start indistinguishable from the end of an answer)."""
+    stops = stop_sequences(fmt, tokenizer)
+    ids = [s for s in stops if isinstance(s, int)]
+    if tokenizer.eot_token is not None and tokenizer.eot_token not in ids:
+        ids.append(tokenizer.eot_token)
+    return ids, [s for s in stops if isinstance(s, str)]
 
 
 # --------------------------------------------------------------------------------------------- Jinja

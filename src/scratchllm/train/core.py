@@ -91,9 +91,9 @@ def _to(batch, device):
 
 def write_safetensors(folder: Path, state: dict[str, torch.Tensor]) -> None:
     """The default model writer: `folder/model.safetensors` from an unwrapped, de-duplicated state dict."""
-    from safetensors.torch import save_file
+    from scratchllm.weights.folder import save_weights
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    save_weights(folder, state)
 
 
 class _Methods(nn.Module):

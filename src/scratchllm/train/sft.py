@@ -173,29 +173,37 @@ def greedy(model, prompt: list[int], max_new: int, stop_ids: set[int]) -> list[i
     return out
 
 
+def answer_prompt(conv, fmt, tokenizer) -> list[int]:
+    """The ids a model answers the conversation's last question from: everything before its last
+    assistant message, with the assistant's turn opened; errors name the record."""
+    from scratchllm.data.instructions import for_format
+    from scratchllm.tokenizer.chat import render
+
+    messages = for_format(conv, fmt.name)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    try:
+        return render(fmt, messages[:last], tokenizer)
+    except ScratchError as e:
+        raise ScratchError(f"{conv.where}: {e}") from None
+
+
 def make_sampler(convs, fmt, tokenizer, n_tokens: int):
     """model -> the greedy answers to fixed validation instructions (a few of them), as one string."""
-    from scratchllm.data.instructions import for_format, instruction_fields
-    from scratchllm.tokenizer.chat import render, stop_sequences
+    from scratchllm.data.instructions import instruction_fields
+    from scratchllm.infer.detok import Detokenizer
+    from scratchllm.infer.engine import text_deltas
+    from scratchllm.tokenizer.chat import turn_stops
 
-    stops = {s for s in stop_sequences(fmt, tokenizer) if isinstance(s, int)} | (
-        {tokenizer.eot_token} if tokenizer.eot_token is not None else set())
-    texts = [s for s in stop_sequences(fmt, tokenizer) if isinstance(s, str)]  # phi3's markers as text
-    prompts = []
-    for conv in convs:
-        messages = for_format(conv, fmt.name)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompts.append((instruction_fields(conv)[0], render(fmt, messages[:last], tokenizer)))
+    stop_ids, stop_texts = turn_stops(fmt, tokenizer)
+    prompts = [(instruction_fields(conv)[0], answer_prompt(conv, fmt, tokenizer)) for conv in convs]
 
     def sample(model) -> str:
         was_training = model.training
         model.eval()
         answers = []
         for question, prompt in prompts:
-            text = tokenizer.decode(greedy(model, prompt, n_tokens, stops))
-            for t in texts:
-                text = text.split(t)[0]
-            answers.append(f"{question[:40]} -> {text}")
+            ids = greedy(model, prompt, n_tokens, set(stop_ids))
+            answers.append(f"{question[:40]} -> {''.join(text_deltas(ids, Detokenizer(tokenizer, stop_texts)))}")
         model.train(was_training)
         return " | ".join(answers)
     return sample

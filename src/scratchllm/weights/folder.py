@@ -43,18 +43,19 @@ def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, met
     folder = Path(folder)
     inner = state.unwrap_model(model)
     check_vocab(inner, tokenizer, str(folder))
-    weights = {k: v.detach().cpu().contiguous() for k, v in state.state_to_save(model).items()}
-    save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
-    (folder / CONFIG).write_text(json.dumps(inner.config.to_dict(), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(folder / TOKENIZER_DIR)
-    if chat is not None:
-        (folder / CHAT).write_text(json.dumps(chat.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    save_weights(folder, state.state_to_save(model))
+    write_model_meta(folder, inner.config, tokenizer, chat)
     for name, content in (extra or {}).items():
         (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
     if meta is not None:  # with the size + sha256 of every file, as a training checkpoint has
         meta = {**meta, "files": state.folder_digests(folder)}
         (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_weights(folder: str | Path, state_dict: dict) -> None:
+    """folder/model.safetensors from a state dict (on the CPU, contiguous)."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(weights, str(Path(folder) / WEIGHTS), metadata={"format": "pt"})
 
 
 def write_model_meta(folder: str | Path, model_config, tokenizer, chat=None) -> None:
@@ -70,7 +71,7 @@ def write_model_meta(folder: str | Path, model_config, tokenizer, chat=None) -> 
 def write_state_files(folder: str | Path, state_dict: dict, model_config, tokenizer, chat=None) -> None:
     """A training checkpoint's model files from a full state dict: model.safetensors (as the Trainer
     gives it: unwrapped, the tied head once) and write_model_meta's."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(Path(folder) / WEIGHTS))
+    save_weights(folder, state_dict)
     write_model_meta(folder, model_config, tokenizer, chat)
 
 
@@ -82,7 +83,7 @@ def write_adapter_files(folder: str | Path, state_dict: dict, base: str, lora: d
     those names and `new_rows_from`, the first id given a new mean-initialised row: model/vocab.py),
     config.json, tokenizer/ and chat.json; checkpoint.open_model loads it as base + adapters."""
     folder = Path(folder)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
+    save_weights(folder, state_dict)
     spec = {"base": base, "lora": lora, "vocab_size": model_config.vocab_size, "also_trained": list(also_trained),
             "new_rows_from": new_rows_from}
     (folder / ADAPTER).write_text(json.dumps(spec, indent=2) + "\n")
