@@ -103,9 +103,10 @@ def test_classifier_arguments_are_checked():
     backbone = GPT(ModelConfig(**TINY))
     with pytest.raises(ScratchError, match="pool 'max': expected one of last, mean"):
         SequenceClassifier(backbone, 2, pool="max")
-    with pytest.raises(ScratchError, match="2 to 65536 classes, got 1"):
-        SequenceClassifier(backbone, 1)
-    with pytest.raises(ScratchError, match="2 to 65536 classes, got 65537"):
+    with pytest.raises(ScratchError, match=r"2 to 65536 classes \(1: a scalar score\), got 0"):
+        SequenceClassifier(backbone, 0)
+    assert SequenceClassifier(backbone, 1)(torch.zeros(2, 3, dtype=torch.long)).shape == (2, 1)  # a reward model
+    with pytest.raises(ScratchError, match="got 65537"):
         SequenceClassifier(backbone, 2**16 + 1)
 
 

@@ -278,6 +278,214 @@ class SFTConfig:
                                "weight directly)")
 
 
+def _check_pair_stage(cfg, name: str) -> None:
+    """What the reward, DPO and PPO configs check alike: a model, an output folder, splits, LoRA settings."""
+    from scratchllm.tokenizer.chat import NAMES
+
+    if not cfg.model:
+        raise ScratchError(f"{name}: --model is required (an sft run folder, a model folder or a registry name)")
+    if not cfg.out:
+        raise ScratchError(f"{name}: --out RUN_DIR is required")
+    if cfg.template and cfg.template not in NAMES:
+        raise ScratchError(f"--template {cfg.template!r}: expected one of {', '.join(NAMES)}")
+    split = cfg.split
+    if len(split) != 3 or any(not isinstance(f, int | float) or f <= 0 for f in split) or abs(sum(split) - 1) > 1e-6:
+        raise ScratchError(f"--split {' '.join(map(str, split))}: give three fractions train val test, each > 0, "
+                           "summing to 1 (e.g. the book's 0.85 0.05 0.10)")
+    if cfg.max_length < 0:
+        raise ScratchError(f"max_length must be >= 0 (got {cfg.max_length})")
+    rank = getattr(cfg, "lora_rank", 0)
+    if rank < 0 or (rank and (not cfg.lora_alpha > 0 or not 0 <= cfg.lora_dropout < 1)):
+        raise ScratchError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1 (got rank {rank}, alpha "
+                           f"{cfg.lora_alpha}, dropout {cfg.lora_dropout})")
+    if rank and ("lm_head" in cfg.lora_targets or not cfg.lora_targets):
+        raise ScratchError(f"{name} LoRA: name the Linear layers to adapt; lm_head cannot be one")
+
+
+def reward_train_defaults() -> TrainConfig:
+    """A reward model on preference pairs: AdamW lr 3e-5, batch 8 pairs, 1 epoch, linear decay; the
+    whole validation set every 25 steps, best/ by validation pairwise accuracy."""
+    return TrainConfig(epochs=1, batch_size=8, lr=3e-5, min_lr=0.0, warmup_steps=0, schedule="linear",
+                       weight_decay=0.0, eval_every=25, eval_batches=0, best_metric="accuracy", best_mode="max",
+                       checkpoint_every=100)
+
+
+@dataclass
+class RewardConfig:
+    """`scratchllm reward train`: a model + preference pairs -> a reward model (a scalar score of prompt + answer)."""
+
+    model: str = ""  # the backbone: an sft run folder, a model folder, a .gguf file or a registry name
+    data: str = ""  # preference records: .json/.jsonl with chosen + rejected, or data:instruction-data-with-preference
+    val_data: str = ""  # separate validation file (with test_data: no split of `data`)
+    test_data: str = ""  # separate test file
+    split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])  # train/val/test (the book's)
+    template: str = ""  # chat format the texts are rendered in; "" = the model's own, else alpaca
+    max_length: int = 0  # tokens per prompt + answer (longer ones cut, counted); 0 = the model's block_size
+    center_coef: float = 0.0  # weight of (r_chosen + r_rejected)^2 in the loss (keeps rewards near 0)
+    trainable: str = "all"  # head | last-block | all | lora (`--train`): what trains besides the new head
+    train_blocks: int = 1  # with last-block: how many of the last blocks train (with the final norm)
+    lora_rank: int = 16  # with lora: adapter rank r
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    out: str = ""  # run folder
+    train: TrainConfig = field(default_factory=reward_train_defaults)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = from_dict(TrainConfig, _merge(to_dict(reward_train_defaults()), self.train), "train")
+        _check_pair_stage(self, "reward train")
+        if not self.data:
+            raise ScratchError("--data FILE is required (preference records with chosen and rejected answers)")
+        if bool(self.val_data) != bool(self.test_data):
+            raise ScratchError("give both --val-data and --test-data, or neither (then --split divides --data)")
+        if self.trainable not in TRAINABLE:
+            raise ScratchError(f"--train {self.trainable!r}: expected one of {', '.join(TRAINABLE)}")
+        if self.train_blocks < 1 or self.center_coef < 0:
+            raise ScratchError(f"--train-blocks must be >= 1 and --center-coef >= 0 (got {self.train_blocks}, "
+                               f"{self.center_coef})")
+
+
+def dpo_train_defaults() -> TrainConfig:
+    """The book's chapter 7 DPO settings: AdamW lr 5e-6, weight decay 0.01, batch 8 pairs, 1 epoch,
+    constant lr; the whole validation set every 20 steps, best/ by validation loss."""
+    return TrainConfig(epochs=1, batch_size=8, lr=5e-6, min_lr=0.0, warmup_steps=0, schedule="constant",
+                       weight_decay=0.01, eval_every=20, eval_batches=0, best_metric="loss", best_mode="min",
+                       sample_every=50, sample_tokens=48, checkpoint_every=100)
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+@dataclass
+class DPOConfig:
+    """`scratchllm dpo`: an SFT model + preference pairs -> a model that prefers the chosen answers."""
+
+    model: str = ""  # the starting (and reference) model: an sft run's best/, a model folder, a registry name
+    data: str = ""  # preference records (see RewardConfig.data)
+    val_data: str = ""
+    test_data: str = ""
+    split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])
+    template: str = ""  # chat format; "" = the model's own, else alpaca
+    max_length: int = 0  # tokens per prompt + answer; 0 = the model's block_size
+    beta: float = 0.1  # strength of the pull towards the reference (DPO's beta; IPO's tau)
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # the chance a label is flipped (conservative DPO); sigmoid loss only
+    logp_mean: bool = False  # average the answer's log-probs over its tokens (the book) instead of summing
+    precompute_ref: bool = False  # compute the reference log-probs once, cache them, load no reference model
+    lora_rank: int = 0  # train LoRA adapters (the reference is then the model with them off); 0 = full
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    samples: int = 2  # validation prompts answered at every sample step (train.sample_every)
+    out: str = ""
+    train: TrainConfig = field(default_factory=dpo_train_defaults)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = from_dict(TrainConfig, _merge(to_dict(dpo_train_defaults()), self.train), "train")
+        _check_pair_stage(self, "dpo")
+        if not self.data:
+            raise ScratchError("--data FILE is required (preference records with chosen and rejected answers)")
+        if bool(self.val_data) != bool(self.test_data):
+            raise ScratchError("give both --val-data and --test-data, or neither (then --split divides --data)")
+        if self.loss not in DPO_LOSSES:
+            raise ScratchError(f"--loss {self.loss!r}: expected one of {', '.join(DPO_LOSSES)}")
+        if not self.beta > 0:
+            raise ScratchError(f"--beta must be > 0 (got {self.beta})")
+        if not 0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.loss != "sigmoid"):
+            raise ScratchError(f"--label-smoothing must be in [0, 0.5) and needs --loss sigmoid (got "
+                               f"{self.label_smoothing}, {self.loss})")
+        if self.samples < 0:
+            raise ScratchError(f"samples must be >= 0 (got {self.samples})")
+
+
+def ppo_train_defaults() -> TrainConfig:
+    """PPO: max_steps counts rollout batches of batch_size prompts; AdamW lr 1e-5 without weight decay,
+    constant; held-out prompts scored every 10 rollout batches, best/ by their mean score."""
+    return TrainConfig(max_steps=40, batch_size=8, lr=1e-5, min_lr=0.0, warmup_steps=0, schedule="constant",
+                       weight_decay=0.0, eval_every=10, eval_batches=0, best_metric="score", best_mode="max",
+                       checkpoint_every=10, log_every=1)
+
+
+KL_KINDS = ("k1", "k3")
+VALUE_HEADS = ("shared", "separate")
+
+
+@dataclass
+class PPOConfig:
+    """`scratchllm ppo`: an SFT policy + a reward (a reward model or a rule) + prompts -> RLHF with PPO."""
+
+    model: str = ""  # the starting policy (and the frozen reference): an sft run's best/, a model folder
+    prompts: str = ""  # JSONL with a prompt field, chat JSONL, or the book's instruction JSON
+    reward_model: str = ""  # a `scratchllm reward train` run (its best/)
+    reward: str = ""  # or a rule: module:function(prompt, response) -> float, imported from the Python path
+    retokenize: bool = False  # let a reward model whose tokenizer differs read the decoded text, re-tokenized
+    split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])  # of the prompts: train/val/test
+    template: str = ""  # the policy's chat format; "" = its own, else alpaca
+    max_length: int = 0  # prompt tokens kept (longer prompts lose their start); 0 = block_size - max_new_tokens
+    max_new_tokens: int = 48  # response length cap
+    temperature: float = 1.0  # of the rollouts, applied to the logits the log-probs are computed from
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ends its turn
+    kl_coef: float = 0.05  # per-token KL penalty coefficient (the start value when adaptive)
+    kl_kind: str = "k1"  # k1 | k3 estimator of KL(policy || reference) per token
+    target_kl: float = 0.0  # > 0: adapt kl_coef towards this KL per response (Ziegler et al.); 0 = fixed
+    kl_horizon: int = 10000  # responses over which the adaptive controller acts
+    max_kl: float = 20.0  # stop when the mean KL per response exceeds this (the policy ran away)
+    gamma: float = 1.0
+    lam: float = 0.95
+    ppo_epochs: int = 4  # passes over each rollout batch
+    mini_batch_size: int = 4  # responses per optimizer step inside those passes
+    clip_range: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # value clip
+    vf_coef: float = 0.1  # weight of the value loss
+    value_head: str = "shared"  # shared (a head on the policy) | separate (its own network)
+    value_init: str = "zero"  # zero | reward (from the reward model: a separate value network only)
+    whiten_rewards: bool = False  # whiten the per-token rewards of a batch before GAE
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    eval_prompts: int = 32  # held-out prompts answered (greedy) and scored at every evaluation
+    samples: int = 3  # held-out answers shown in the report at every evaluation
+    out: str = ""
+    train: TrainConfig = field(default_factory=ppo_train_defaults)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = from_dict(TrainConfig, _merge(to_dict(ppo_train_defaults()), self.train), "train")
+        _check_pair_stage(self, "ppo")
+        if not self.prompts:
+            raise ScratchError("--prompts FILE is required (JSONL with a prompt field, chats, or instruction records)")
+        if bool(self.reward_model) == bool(self.reward):
+            raise ScratchError("give exactly one of --reward-model RM_RUN (a learned reward) and --reward "
+                               "module:function (a rule)")
+        if self.reward and (self.reward.count(":") != 1 or not all(self.reward.split(":"))):
+            raise ScratchError(f"--reward {self.reward!r}: expected module:function, e.g. myrules:short_answer")
+        if self.kl_kind not in KL_KINDS:
+            raise ScratchError(f"--kl-kind {self.kl_kind!r}: expected one of {', '.join(KL_KINDS)}")
+        if self.value_head not in VALUE_HEADS or self.value_init not in ("zero", "reward"):
+            raise ScratchError(f"--value-head {self.value_head!r} / --value-init {self.value_init!r}: expected "
+                               "shared|separate and zero|reward")
+        if self.value_init == "reward" and (self.value_head != "separate" or not self.reward_model):
+            raise ScratchError("--value-init reward needs --value-head separate and --reward-model (the value "
+                               "network starts as a copy of the reward model)")
+        for name in ("max_new_tokens", "ppo_epochs", "mini_batch_size", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ScratchError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.train.batch_size % self.mini_batch_size:
+            raise ScratchError(f"--batch-size {self.train.batch_size} (prompts per rollout batch) must be a multiple "
+                               f"of --mini-batch-size {self.mini_batch_size}")
+        if not self.temperature > 0 or self.kl_coef < 0 or self.target_kl < 0 or not self.max_kl > 0:
+            raise ScratchError(f"need temperature > 0, kl_coef >= 0, target_kl >= 0, max_kl > 0 (got "
+                               f"{self.temperature}, {self.kl_coef}, {self.target_kl}, {self.max_kl})")
+        if not 0 < self.clip_range < 1 or self.value_clip < 0 or self.vf_coef < 0 or not 0 <= self.lam <= 1 \
+                or not 0 < self.gamma <= 1:
+            raise ScratchError("need 0 < clip_range < 1, value_clip >= 0, vf_coef >= 0, 0 <= lam <= 1, 0 < gamma <= 1")
+        if self.eval_prompts < 0 or self.samples < 0:
+            raise ScratchError("eval_prompts and samples must be >= 0")
+
+
 # ---------------------------------------------------------------------------------------------
 # dict/TOML <-> dataclass
 

@@ -167,3 +167,16 @@ def collate_lm(rows: Sequence[Sequence[tuple[list[int], list[int]]]], pad_id: in
     if any(len(row) > 1 for row in rows):
         batch["attention_mask"] = segments
     return batch
+
+
+def collate_pairs(pairs: Sequence[tuple[list[int], list[int], list[int], list[int]]], pad_id: int) -> dict:
+    """A batch of preference pairs, each (chosen ids, chosen mask, rejected ids, rejected mask): the B
+    chosen rows, then the B rejected rows, right-padded to the longest into "idx" (2B, T) with the
+    response mask "mask" (2B, T) (1 on the answer's tokens) and "attention_mask" (2B, T) (1 on real
+    tokens); "tokens" counts the real tokens."""
+    rows = [p[0] for p in pairs] + [p[2] for p in pairs]
+    idx, real = pad_rows(rows, pad_id, "right")  # (2B, T)
+    mask = torch.zeros_like(idx)
+    for b, m in enumerate([p[1] for p in pairs] + [p[3] for p in pairs]):
+        mask[b, :len(m)] = torch.as_tensor(m, dtype=torch.long)
+    return {"idx": idx, "mask": mask, "attention_mask": real, "tokens": real.sum()}

@@ -131,7 +131,9 @@ class Classifier:
         self.pad_id = require_pad_id(tokenizer, str(folder))
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", precision: str = "fp32") -> Classifier:
+    def load(cls, path: str | Path, device: str = "cpu", precision: str = "fp32", kind: str = "classifier"
+             ) -> Classifier:
+        """A classifier folder's model (`kind` "reward": a reward model of train/reward.py, one score)."""
         from scratchllm.model.heads import SequenceClassifier, set_trainable
         from scratchllm.tokenizer import Tokenizer
         from scratchllm.train.checkpointing import verify_checkpoint
@@ -141,6 +143,12 @@ class Classifier:
 
         folder = classifier_folder(path)
         spec = ClassifierSpec.load(folder)
+        found = spec.extra.get("kind", "classifier")
+        if found != kind:
+            use = ("`scratchllm reward score`, or --reward-model of `scratchllm ppo`" if found == "reward"
+                   else "`scratchllm classify eval|predict`")
+            raise ScratchError(f"{folder} is a {'reward model' if found == 'reward' else 'text classifier'}, not a "
+                               f"{'reward model' if kind == 'reward' else 'text classifier'}: use it with {use}")
         if not (folder / "tokenizer" / "tokenizer.json").is_file():
             raise ScratchError(f"{folder / 'tokenizer'} is missing: the classifier cannot tokenize its inputs; "
                                "restore the folder from the run (every checkpoint holds its tokenizer)")

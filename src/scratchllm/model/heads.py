@@ -1,4 +1,5 @@
-"""Heads on a GPT backbone: a sequence classifier (one hidden state per sequence -> class logits).
+"""Heads on a GPT backbone: a sequence classifier (one hidden state per sequence -> class logits; one
+"class" is a scalar score: a reward model).
 
 What it does: `SequenceClassifier(backbone, num_classes, pool)` runs the backbone's final-norm hidden
 states (GPT.hidden_states, never the lm_head) and a new `head = Linear(n_embd, num_classes)` on one
@@ -54,8 +55,8 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         if pool not in POOLS:
             raise ScratchError(f"pool {pool!r}: expected one of {', '.join(POOLS)}")
-        if not 2 <= num_classes <= 2**16:
-            raise ScratchError(f"a classifier needs 2 to 65536 classes, got {num_classes}")
+        if not 1 <= num_classes <= 2**16:
+            raise ScratchError(f"a classifier needs 2 to 65536 classes (1: a scalar score), got {num_classes}")
         self.backbone, self.pool, self.num_classes = backbone, pool, num_classes
         self.head = nn.Linear(backbone.config.n_embd, num_classes)
 

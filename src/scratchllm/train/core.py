@@ -132,13 +132,16 @@ class Trainer:
                  peak_flops: float | None = None, info: dict | None = None, fsdp: bool = False,
                  frozen: dict[str, torch.nn.Module] | None = None, save: str = "all",
                  derived_metrics: Callable[[dict], dict] | None = None,
-                 train_eval_batches: Callable[[], Iterable] | None = None, count_label: str | None = None):
+                 train_eval_batches: Callable[[], Iterable] | None = None, count_label: str | None = None,
+                 read_model: Callable[[Path], dict] | None = None):
         """`frozen`: auxiliary models passed to the objective as keyword arguments. `save`: "all" or
         "trainable" (only parameters with requires_grad, plus buffers; the rest is fingerprinted as the
         base). `derived_metrics`: extra metrics computed from the reduced ones (perplexity from loss).
         `train_eval_batches`: training data to evaluate at every evaluation too (split "train_eval").
         `count_label`: also show metrics["count"] per second under this label (SFT: "trained tok/s",
-        beside tok/s of all tokens) and log it as count_per_s."""
+        beside tok/s of all tokens) and log it as count_per_s. `read_model`: the inverse of `write_model`,
+        a checkpoint folder -> the state dict to resume from (default: its model.safetensors; PPO keeps
+        its value network in a file of its own)."""
         if save not in ("all", "trainable"):
             raise ScratchError(f"Trainer save={save!r}: expected 'all' or 'trainable'")
         self.cfg, self.objective, self.batches = cfg, objective, train_batches
@@ -157,6 +160,7 @@ class Trainer:
         self.model = model.to(self.device)  # the unwrapped module: what checkpoints save
         self.frozen = self._place_frozen(frozen or {})
         self.write_model = write_model  # (folder, full state dict) -> writes the model files
+        self.read_model = read_model or (lambda folder: read_safetensors(folder / "model.safetensors"))
         self.save_mode = save
         self.base_fingerprint = ckpt.base_fingerprint(self.model) if save == "trainable" else None
         self.fsdp = fsdp and self.world > 1
@@ -253,11 +257,13 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ one optimizer step
-    def optimizer_step(self, micro_batches: Iterable) -> dict:
+    def optimizer_step(self, micro_batches: Iterable, advance: bool = True) -> dict:
         """One optimizer step over the given micro-batches (gradients accumulated, synchronised across
         ranks on the last one, divided by the step's global count). Public so a stage can drive its own
         loop (PPO: rollouts, then several epochs of mini-batch steps); `fit()` calls it through
-        `train_step()`. Returns the step's reduced metrics plus lr, grad_norm and skipped."""
+        `train_step()`. `advance=False` leaves the step count (and the learning rate's place in its
+        schedule) alone: a stage whose step is several optimizer steps (PPO's rollout batch) then adds
+        1 to `self.step` itself. Returns the step's reduced metrics plus lr, grad_norm and skipped."""
         cfg, model = self.cfg, self.model
         lr = lr_at(self.step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                    schedule=cfg.schedule, min_lr=cfg.min_lr)
@@ -296,7 +302,7 @@ class Trainer:
             self.bad_steps += 1
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self.step += advance
         self.tokens_seen += out["tokens"]
         if self.bad_steps >= cfg.max_bad_steps:
             last = read_latest(self.out_dir) or "none yet"
@@ -408,21 +414,33 @@ class Trainer:
         self._saved_step = self.step
         return path
 
-    def save_best(self, val: dict) -> None:
+    def save_best(self, val: dict, step: int | None = None) -> None:
         """RUN_DIR/best/: the model files of the best evaluation so far (no optimizer state: it is for
-        using, not resuming), replaced atomically; never pruned."""
+        using, not resuming), replaced atomically; never pruned. `step`: the step the weights are from
+        (default now; a stage that rewrites best/ after the run passes best["step"])."""
         weights = self.model_state()
         self._refuse_non_finite(weights, ckpt.BEST)
         if self.rank == 0:
             try:
                 with atomic_dir(self.out_dir / ckpt.BEST, overwrite=True) as tmp:
                     self.write_model(tmp, weights)
-                    ckpt.write_meta(tmp, {**self._meta(val), "step": self.step, "best_metric": self.cfg.best_metric})
+                    ckpt.write_meta(tmp, {**self._meta(val), "step": self.step if step is None else step,
+                                          "best_metric": self.cfg.best_metric})
             except OSError as e:
                 raise ScratchError(f"writing {self.out_dir / ckpt.BEST} failed ({e}); the previous best model "
                                    "is intact") from None
         if self.world > 1:
             dist.barrier()
+
+    def load_best(self) -> bool:
+        """Load RUN_DIR/best/'s weights into the model (False when there is none): a stage's final test
+        evaluation uses the model it keeps."""
+        best = self.out_dir / ckpt.BEST
+        if not (best / "model.safetensors").is_file():
+            return False
+        load_state_dict_checked(self.model, self.read_model(best), str(best / "model.safetensors"),
+                                expected=set(self.model_state()))
+        return True
 
     def resume(self, path: str | Path) -> int:
         """Restore model, optimizer, scaler, counters, every RNG and the sampler from a checkpoint or run
@@ -431,7 +449,7 @@ class Trainer:
         if self.rank == 0:
             ckpt.remove_temp_folders(self.out_dir)  # left by a process killed while it saved
         meta = ckpt.verify_checkpoint(folder)
-        weights = read_safetensors(folder / "model.safetensors")
+        weights = self.read_model(folder)
         if self.save_mode == "trainable" or meta.get("base_fingerprint"):
             ckpt.check_base(meta.get("base_fingerprint"), self.base_fingerprint, folder)
         if self.fsdp:

@@ -68,3 +68,63 @@ def masked_lm_objective(model, batch) -> tuple[torch.Tensor, dict]:
     idx, targets = batch["idx"], batch["targets"]
     _, loss_sum = model(idx, targets=targets, reduction="sum", attention_mask=batch.get("attention_mask"))
     return loss_sum, {"count": (targets != IGNORE_INDEX).sum(), "tokens": batch["tokens"]}
+
+
+def reward_objective(model, batch, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Reward model on preference pairs: the Bradley-Terry loss (losses.bradley_terry_loss) of the scalar
+    scores of the B chosen and B rejected rows of `batch` (data/collate.collate_pairs), summed over the
+    pairs, with pairwise accuracy (r_chosen > r_rejected), the mean margin, the mean chosen and rejected
+    scores and the scores' mean and mean square over all 2B answers. Example: a model scoring every
+    row 0 on 3 pairs -> (3 ln 2, {"count": 3, "accuracy": 0, ...})."""
+    from scratchllm.train.losses import bradley_terry_loss
+
+    scores = model(batch["idx"], attention_mask=batch["attention_mask"]).squeeze(-1).float()  # (2B,)
+    B = scores.shape[0] // 2
+    chosen, rejected = scores[:B], scores[B:]
+    losses = bradley_terry_loss(chosen, rejected, center_coef=center_coef)
+    return losses.sum(), {"count": B, "tokens": batch["tokens"], "accuracy": (chosen > rejected).sum(),
+                          "margin": (chosen - rejected).sum(), "rewards/chosen": chosen.sum(),
+                          "rewards/rejected": rejected.sum(), "reward_mean": (scores.sum(), 2 * B),
+                          "reward_sq": ((scores ** 2).sum(), 2 * B)}
+
+
+def reward_std(metrics: dict) -> dict:
+    """The scores' standard deviation from their reduced mean and mean square (a derived_metrics hook)."""
+    return {"reward_std": math.sqrt(max(metrics["reward_sq"] - metrics["reward_mean"] ** 2, 0.0))}
+
+
+def dpo_objective(model, batch, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0,
+                  logp_mean: bool = False, ref=None) -> tuple[torch.Tensor, dict]:
+    """DPO (or IPO) on preference pairs: the policy's log-probs of the B chosen and B rejected answers of
+    `batch` (data/collate.collate_pairs; summed over the answer's tokens, or averaged with logp_mean)
+    against the reference's: batch["ref"] (B, 2) when precomputed, else the frozen model `ref`, else the
+    policy itself with its LoRA adapters off. Loss summed over pairs; metrics under the names TRL
+    prints: rewards/chosen and rewards/rejected (beta * (pi - ref)), rewards/margins, rewards/accuracies
+    (chosen reward > rejected), logps/chosen, logps/rejected. With pi == ref: ln 2 per pair, rewards 0."""
+    from scratchllm.model.lora import disable_lora
+    from scratchllm.train.losses import dpo_loss, ipo_loss, sequence_logprobs
+
+    idx, mask = batch["idx"], batch["mask"]
+    pick = 1 if logp_mean else 0
+    pi = sequence_logprobs(model, idx, mask)[pick].float()  # (2B,)
+    B = pi.shape[0] // 2
+    if "ref" in batch:
+        ref_c, ref_r = batch["ref"][:, 0].float(), batch["ref"][:, 1].float()
+    else:
+        with torch.no_grad():
+            if ref is not None:
+                r = sequence_logprobs(ref, idx, mask)[pick].float()
+            else:
+                with disable_lora(model):
+                    r = sequence_logprobs(model, idx, mask)[pick].float()
+        ref_c, ref_r = r[:B], r[B:]
+    pi_c, pi_r = pi[:B], pi[B:]
+    if loss == "ipo":
+        losses = ipo_loss(pi_c, pi_r, ref_c, ref_r, tau=beta)
+        r_c, r_r = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+    else:
+        losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing)
+    return losses.sum(), {"count": B, "tokens": batch["tokens"], "rewards/chosen": r_c.sum(),
+                          "rewards/rejected": r_r.sum(), "rewards/margins": (r_c - r_r).sum(),
+                          "rewards/accuracies": (r_c > r_r).sum(), "logps/chosen": pi_c.detach().sum(),
+                          "logps/rejected": pi_r.detach().sum()}

@@ -116,6 +116,10 @@ def open_model(path: str | Path, device="cpu") -> LoadedModel:
     if (folder / ADAPTER).is_file():  # a LoRA run: its base + these adapters, merged
         return load_adapter_model(folder, device=device)
     if (folder / "classifier.json").is_file():
+        kind = read_json(folder / "classifier.json").get("extra", {}).get("kind")
+        if kind == "reward":
+            raise ScratchError(f"{folder} is a reward model, not a language model: use it with `scratchllm reward score` "
+                               "or as --reward-model of `scratchllm ppo`")
         raise ScratchError(f"{folder} is a text classifier, not a language model: use `scratchllm classify eval` or "
                            "`classify predict` with it (infer/classifier.py: Classifier.load)")
     verify_model_files(folder)
