@@ -62,9 +62,9 @@ def check_pair_splits(train, val, sets) -> None:
     """Refuse a train or validation split left empty (by the split or by dropping identical pairs)."""
     for name, pairs, found in (("train", train, sets[0]), ("val", val, sets[min(1, len(sets) - 1)])):
         if not pairs:
-            dropped = f" ({len(found.identical)} identical pairs dropped)" if found.identical else ""
-            raise ScratchError(f"the {name} split holds no pair whose chosen and rejected answers differ{dropped}: "
-                               "use more pairs or another --split")
+            why = (f"holds only pairs whose chosen == rejected ({len(found.identical)}: "
+                   f"{', '.join(found.identical[:3])})" if found.identical else "is empty")
+            raise ScratchError(f"the {name} split {why}: use more pairs or another --split")
 
 
 def pair_record(pair) -> dict:
