@@ -31,6 +31,11 @@ CLS = "classify train --model {w}/run --out {w}/c --device cpu --no-compile --da
 SFT = "sft --model {w}/chatbase --out {w}/s --device cpu --no-compile --max-steps 1 --data"
 EGEN = "eval generate --device cpu --out {w}/answers.jsonl --max-new-tokens 2 --model"
 ELOSS = "eval loss --device cpu --model"
+QUICK = "--device cpu --no-compile --max-steps 1"
+RWD = f"reward train --model {{w}}/chatbase --out {{w}}/r {QUICK} --data"
+DPO = f"dpo --model {{w}}/chatbase --out {{w}}/d {QUICK} --data"
+PPO = f"ppo --model {{w}}/chatbase --out {{w}}/p {QUICK} --prompts {{w}}/instr.json"
+RULE = "--reward scratchllm.train.rules:short_answer"
 CASES = {
     ("tokenizer", "train"): [
         ("missing input", "tokenizer train --input {w}/nope.txt --vocab-size 300 --out {w}/o", "nope.txt"),
@@ -232,6 +237,51 @@ CASES = {
         ("resume a folder with no run", "sft --model {w}/chatbase --data {w}/instr.json --out . --resume",
          "no run to resume"),
     ],
+    ("reward", "train"): [
+        ("missing data", f"{RWD} {{w}}/nope.json", "nope.json"),
+        ("a record without rejected", f"{RWD} {{w}}/norejected.json", "norejected.json[1]: no 'rejected' field"),
+        ("chosen not a string", f"{RWD} {{w}}/badchosen.json", "badchosen.json[0]: field 'chosen' must be a string"),
+        ("every pair identical", f"{RWD} {{w}}/identical.json", "chosen == rejected"),
+        ("no prompt", f"{RWD} {{w}}/noprompt.jsonl", "noprompt.jsonl:1: no prompt"),
+        ("no --model", "reward train --data {w}/prefs.json --out {w}/r", "--model is required"),
+        ("--model is a classifier", "reward train --model {w}/clf --out {w}/r --data {w}/prefs.json",
+         "is a text classifier"),
+        ("too many blocks", f"{RWD} {{w}}/prefs.json --train last-block --train-blocks 9", "--train-blocks 9"),
+        ("out is a file", "reward train --model {w}/chatbase --data {w}/prefs.json --out {w}/file.txt", "file.txt"),
+    ],
+    ("reward", "score"): [
+        ("missing model", "reward score --model {w}/nope --data {w}/prefs.json", "nope"),
+        ("a text classifier", "reward score --model {w}/clf --data {w}/prefs.json", "not a reward model"),
+        ("missing data", "reward score --model {w}/rm --data {w}/nope.json", "nope.json"),
+        ("records with nothing to score", "reward score --model {w}/rm --data {w}/noanswer.jsonl",
+         "noanswer.jsonl:1: no 'response'"),
+    ],
+    ("dpo",): [
+        ("missing data", f"{DPO} {{w}}/nope.json", "nope.json"),
+        ("a record without rejected", f"{DPO} {{w}}/norejected.json", "norejected.json[1]: no 'rejected' field"),
+        ("every pair identical", f"{DPO} {{w}}/identical.json", "chosen == rejected"),
+        ("beta 0", f"{DPO} {{w}}/prefs.json --beta 0", "--beta must be > 0"),
+        ("label smoothing with ipo", f"{DPO} {{w}}/prefs.json --loss ipo --label-smoothing 0.1", "--label-smoothing"),
+        ("--model is a reward model", "dpo --model {w}/rm --out {w}/d --data {w}/prefs.json", "is a reward model"),
+        ("lm_head as a LoRA target", f"{DPO} {{w}}/prefs.json --lora-rank 2 --lora-targets lm_head", "lm_head"),
+    ],
+    ("ppo",): [
+        ("no reward", PPO, "give exactly one of --reward-model"),
+        ("two rewards", f"{PPO} {RULE} --reward-model {{w}}/rm", "give exactly one of --reward-model"),
+        ("rule not module:function", f"{PPO} --reward short_answer", "expected module:function"),
+        ("rule module missing", f"{PPO} --reward no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("rule function missing", f"{PPO} --reward json:no_such_fn", "has no function 'no_such_fn'"),
+        ("missing prompts", f"ppo --model {{w}}/chatbase --out {{w}}/p {RULE} --prompts {{w}}/nope.jsonl", "nope.jsonl"),
+        ("a chat with no user message", f"ppo --model {{w}}/chatbase --out {{w}}/p {RULE} --prompts "
+                                        "{w}/onlyanswer.jsonl", "onlyanswer.jsonl:1: the prompt's messages must end"),
+        ("batch not a multiple of the mini-batch", f"{PPO} {RULE} --batch-size 3 --mini-batch-size 2", "multiple of"),
+        ("value init without a reward model", f"{PPO} {RULE} --value-head separate --value-init reward",
+         "--value-init reward needs"),
+        ("reward model is a classifier", f"{PPO} --reward-model {{w}}/clf", "not a reward model"),
+        ("reward model with another tokenizer", f"ppo --model {{w}}/run --out {{w}}/p {QUICK} --prompts "
+                                                "{w}/instr.json --reward-model {w}/rm --max-new-tokens 8", "another tokenizer"),
+        ("no room for a prompt", f"{PPO} {RULE} --max-new-tokens 64", "leaves no room for a prompt"),
+    ],
     ("eval", "generate"): [
         ("no --data and no test.jsonl", f"{EGEN} {{w}}/chatbase", "pass --data FILE"),
         ("missing data", f"{EGEN} {{w}}/chatbase --data {{w}}/nope.json", "nope.json"),
@@ -398,6 +448,15 @@ def sft_inputs(w):
                          vocab_size=280, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     model = GPT(ModelConfig.from_preset("tiny", vocab_size=280, block_size=64, n_layer=1, n_embd=32, n_head=2))
     save_model(model, chat_tok, w / "chatbase", chat=FORMATS["chatml"])
+    pairs = [{"instruction": f"Say {w_}.", "input": "", "chosen": w_, "rejected": "no"} for w_ in ("yes", "hi", "ok") * 7]
+    (w / "prefs.json").write_text(json.dumps(pairs))
+    (w / "norejected.json").write_text(json.dumps([pairs[0], {"instruction": "Say yes.", "chosen": "yes"}]))
+    (w / "badchosen.json").write_text(json.dumps([{**pairs[0], "chosen": 3}]))
+    (w / "identical.json").write_text(json.dumps([{**p, "rejected": p["chosen"]} for p in pairs]))
+    (w / "noprompt.jsonl").write_text(json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
+    (w / "onlyanswer.jsonl").write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    assert main(["reward", "train", "--model", str(w / "chatbase"), "--data", str(w / "prefs.json"), "--out",
+                 str(w / "rm"), "--max-steps", "1", "--device", "cpu", "--no-compile", "--precision", "fp32"]) == 0
 
 
 def classify_inputs(w, model, tok):

@@ -445,6 +445,158 @@ def add_sft(sub) -> None:
     p.set_defaults(func=_sft)
 
 
+# --------------------------------------------------------------------------------------------- preference tuning
+def _reward_train(args):
+    from scratchllm.train.reward import run
+
+    return run(args)
+
+
+def _reward_score(args):
+    from scratchllm.train.reward import run_score
+
+    return run_score(args)
+
+
+def _dpo(args):
+    from scratchllm.train.dpo import run
+
+    return run(args)
+
+
+def _ppo(args):
+    from scratchllm.train.ppo import run
+
+    return run(args)
+
+
+PAIRS_HELP = ("preference records: a .json array or .jsonl of {instruction, input, chosen, rejected} (or prompt / "
+              "messages instead of instruction), or data:instruction-data-with-preference (the book's 1100)")
+
+
+def _pair_data_flags(g) -> None:
+    g.add_argument("--data", help=PAIRS_HELP)
+    g.add_argument("--val-data", help="a separate validation file (with --test-data; instead of --split)")
+    g.add_argument("--test-data", help="a separate test file")
+    g.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of --data (default 0.85 0.05 0.10, the book's), shuffled by --seed")
+    g.add_argument("--template", choices=TEMPLATES, help="chat format (default: the model's own, else alpaca)")
+    g.add_argument("--max-length", type=int, help="tokens per prompt + answer, longer ones cut and counted "
+                                                  "(default: the model's block_size)")
+
+
+def _lora_flags(g, what: str = "train LoRA adapters of this rank instead of every weight") -> None:
+    g.add_argument("--lora-rank", type=positive_int, help=what)
+    g.add_argument("--lora-alpha", type=float, help="adapter scale alpha, the update is alpha/r B A (default 16)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
+                   help="Linear layers to adapt (default c_attn attn.c_proj mlp.c_fc mlp.c_proj)")
+
+
+def add_reward(sub) -> None:
+    p = sub.add_parser("reward", help="train a reward model on preference pairs (RLHF's first half), score answers")
+    rsub = p.add_subparsers(dest="reward_cmd", required=True, metavar="ACTION")
+    t = rsub.add_parser("train", help="a scalar head on --model, trained with the Bradley-Terry loss",
+                        description="Defaults (scratchllm.configs.reward_train_defaults): AdamW lr 3e-5, batch 8 pairs, "
+                                    "1 epoch, linear decay, every weight trains, validation "
+                                    "every 25 steps, best/ by validation pairwise accuracy; at the end best/'s "
+                                    "rewards are normalised to mean 0 / std 1 on the training answers.")
+    g = t.add_argument_group("model, data and output")
+    g.add_argument("--model", help="the backbone: an sft run's best/, or " + MODEL_HELP)
+    _pair_data_flags(g)
+    g.add_argument("--center-coef", type=float, help="weight of (r_chosen + r_rejected)^2 in the loss (default 0)")
+    g.add_argument("--train", dest="trainable", choices=["head", "last-block", "all", "lora"],
+                   help="what trains besides the head: all (default), the last blocks + final norm, nothing, LoRA")
+    g.add_argument("--train-blocks", type=positive_int, help="with --train last-block: how many blocks (default 1)")
+    _lora_flags(g, "with --train lora: adapter rank (default 16)")
+    add_run_flags(g)
+    add_train_flags(t)
+    t.set_defaults(func=_reward_train)
+    c = rsub.add_parser("score", help="score preference pairs (accuracy, margin) or prompt + response records")
+    c.add_argument("--model", required=True, help="a reward run folder (its best/) or a reward model folder")
+    c.add_argument("--data", help="pairs (chosen + rejected) or records with a prompt and a response (or output) "
+                                  "field (default: the run's held-out test.jsonl)")
+    c.add_argument("--out", help="write the scores as JSONL here")
+    c.add_argument("--json", action="store_true", help="print one JSON summary line")
+    c.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass (default 16)")
+    c.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="fp32 (default) or bf16 autocast where the hardware has it (auto)")
+    c.set_defaults(func=_reward_score)
+
+
+def add_dpo(sub) -> None:
+    p = sub.add_parser("dpo", help="direct preference optimisation of an SFT model on preference pairs",
+                       description="Defaults are the book's chapter 7 (scratchllm.configs.dpo_train_defaults): beta "
+                                   "0.1, AdamW lr 5e-6, weight decay 0.01, batch 8 pairs, 1 epoch, constant lr, the "
+                                   "validation pairs every 20 steps, best/ by validation loss. Rewards are printed "
+                                   "as beta * (log pi - log ref).")
+    g = p.add_argument_group("model, data and output")
+    g.add_argument("--model", help="the starting policy and reference: an sft run's best/, or " + MODEL_HELP)
+    _pair_data_flags(g)
+    g.add_argument("--beta", type=float, help="DPO's beta (IPO's tau): the pull towards the reference (default 0.1)")
+    g.add_argument("--loss", choices=["sigmoid", "ipo"], help="sigmoid: DPO (default); ipo: the squared IPO loss")
+    g.add_argument("--label-smoothing", type=float, help="assumed share of flipped labels (conservative DPO)")
+    g.add_argument("--logp-mean", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each answer's log-probs over its tokens (the book) instead of summing them")
+    g.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute the reference log-probs once (cached in the run folder) and load no reference "
+                        "model")
+    _lora_flags(g, "train LoRA adapters of this rank (the reference: the model with them off)")
+    g.add_argument("--samples", type=int, help="validation prompts answered at each --sample-every (default 2)")
+    add_run_flags(g)
+    add_train_flags(p)
+    p.set_defaults(func=_dpo)
+
+
+def add_ppo(sub) -> None:
+    p = sub.add_parser("ppo", help="RLHF: PPO of an SFT policy against a reward model or a rule, KL-penalised",
+                       description="--max-steps counts rollout batches of --batch-size prompts. Defaults (scratchllm."
+                                   "configs.ppo_train_defaults and PPOConfig): 40 rollout batches of 8 prompts, lr 1e-5, "
+                                   "4 PPO epochs of mini-batches of 4, k1 KL penalty 0.05, GAE gamma 1 lambda 0.95, "
+                                   "held-out prompts scored every 10 rollout batches, best/ by that score.")
+    g = p.add_argument_group("policy, reward, prompts and output")
+    g.add_argument("--model", help="the starting policy and reference: an sft run's best/, or " + MODEL_HELP)
+    g.add_argument("--reward-model", help="a `scratchllm reward train` run (its best/)")
+    g.add_argument("--reward", metavar="MODULE:FN", help="or a rule: FN(prompt, response) -> float from MODULE on the "
+                                                         "Python path (e.g. scratchllm.train.rules:short_answer)")
+    g.add_argument("--retokenize", action=argparse.BooleanOptionalAction, default=None,
+                   help="let a reward model with another tokenizer score the decoded responses")
+    g.add_argument("--prompts", help="JSONL with a prompt field, chat JSONL (messages), or the book's instruction "
+                                     "JSON (data:instruction-data)")
+    g.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of --prompts (default 0.85 0.05 0.10); validation prompts are the held-out ones")
+    g.add_argument("--template", choices=TEMPLATES, help="chat format (default: the model's own, else alpaca)")
+    g.add_argument("--max-length", type=int, help="prompt tokens kept (default: block_size - max-new-tokens - 1)")
+    g.add_argument("--max-new-tokens", type=positive_int, help="response length cap (default 48)")
+    g.add_argument("--temperature", type=float, help="of the rollouts and their log-probs (default 1)")
+    g.add_argument("--missing-eos-penalty", type=float, help="subtracted from the score of a response that never "
+                                                             "ends its turn (default 1)")
+    g.add_argument("--kl-coef", type=float, help="per-token KL penalty coefficient (default 0.05)")
+    g.add_argument("--kl-kind", choices=["k1", "k3"], help="KL estimator per token (default k1)")
+    g.add_argument("--target-kl", type=float, help="adapt --kl-coef towards this KL per response (default 0: fixed)")
+    g.add_argument("--kl-horizon", type=positive_int, help="responses over which the adaptive KL acts (default 10000)")
+    g.add_argument("--max-kl", type=float, help="stop when the KL per response exceeds this (default 20)")
+    g.add_argument("--gamma", type=float, help="GAE discount (default 1)")
+    g.add_argument("--lam", type=float, help="GAE lambda (default 0.95)")
+    g.add_argument("--ppo-epochs", type=positive_int, help="passes over each rollout batch (default 4)")
+    g.add_argument("--mini-batch-size", type=positive_int, help="responses per optimizer step (default 4)")
+    g.add_argument("--clip-range", type=float, help="policy ratio clip (default 0.2)")
+    g.add_argument("--value-clip", type=float, help="value clip (default 0.2)")
+    g.add_argument("--vf-coef", type=float, help="weight of the value loss (default 0.1)")
+    g.add_argument("--value-head", choices=["shared", "separate"],
+                   help="a value head on the policy (default) or a separate value network")
+    g.add_argument("--value-init", choices=["zero", "reward"],
+                   help="start the separate value network from the reward model, or a zero head (default)")
+    g.add_argument("--whiten-rewards", action=argparse.BooleanOptionalAction, default=None,
+                   help="whiten the per-token rewards of each batch before GAE")
+    _lora_flags(g, "train LoRA adapters of this rank (the reference: the policy with them off)")
+    g.add_argument("--eval-prompts", type=int, help="held-out prompts answered and scored per evaluation (default 32)")
+    g.add_argument("--samples", type=int, help="held-out answers shown in the report per evaluation (default 3)")
+    add_run_flags(g)
+    add_train_flags(p)
+    p.set_defaults(func=_ppo)
+
+
 def _eval_model_flags(c) -> None:
     c.add_argument("--model", required=True, help="an sft run folder, a checkpoint, or " + MODEL_HELP)
     c.add_argument("--data", help="instruction records (default: the run's held-out test.jsonl)")
@@ -581,7 +733,7 @@ def add_demo(sub) -> None:
 
 # Each entry registers one subcommand (group). Keep them in pipeline order.
 COMMANDS = [add_tokenizer, add_data, add_model, add_download, add_export, add_pretrain, add_classify, add_sft,
-            add_merge, add_generate, add_chat, add_eval, add_demo]
+            add_reward, add_dpo, add_ppo, add_merge, add_generate, add_chat, add_eval, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

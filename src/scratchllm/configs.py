@@ -423,7 +423,7 @@ class PPOConfig:
     retokenize: bool = False  # let a reward model whose tokenizer differs read the decoded text, re-tokenized
     split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])  # of the prompts: train/val/test
     template: str = ""  # the policy's chat format; "" = its own, else alpaca
-    max_length: int = 0  # prompt tokens kept (longer prompts lose their start); 0 = block_size - max_new_tokens
+    max_length: int = 0  # prompt tokens kept (longer prompts lose their start); 0 = block_size - max_new_tokens - 1
     max_new_tokens: int = 48  # response length cap
     temperature: float = 1.0  # of the rollouts, applied to the logits the log-probs are computed from
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ends its turn
@@ -484,6 +484,9 @@ class PPOConfig:
             raise ScratchError("need 0 < clip_range < 1, value_clip >= 0, vf_coef >= 0, 0 <= lam <= 1, 0 < gamma <= 1")
         if self.eval_prompts < 0 or self.samples < 0:
             raise ScratchError("eval_prompts and samples must be >= 0")
+        if self.lora_dropout:
+            raise ScratchError("ppo keeps dropout off (the log-probs of the rollouts and of the updates must match): "
+                               "leave --lora-dropout at 0")
 
 
 # ---------------------------------------------------------------------------------------------
