@@ -261,7 +261,7 @@ BAD_FILES = [  # (id, file suffix, content, what the error says)
     ("output a number", "jsonl", '{"instruction": "a", "output": 5}\n', r"f\.jsonl:1: field 'output' must be a string, got int"),
     ("JSONL line not JSON", "jsonl", '{"instruction": "a", "output": "b"}\n{oops\n', r"f\.jsonl:2: not valid JSON"),
     ("JSON not JSON", "json", '[{"instruction": "a",\n "output": "b"},\n oops]', r"f\.json:3: not valid JSON"),
-    ("JSON not an array", "json", '{"instruction": "a", "output": "b"}', r"f\.json: expected a JSON array of records, got a dict"),
+    ("JSON not an array", "json", '{"instruction": "a", "output": "b"}', r"f\.json: expected a JSON array of instruction records, got a dict"),
     ("record not an object", "json", "[1]", r"f\.json\[0\]: expected an object"),
     ("no records", "jsonl", "\n\n", r"f\.jsonl: no records"),
     ("not .json or .jsonl", "tsv", "a\tb\n", r"f\.tsv: expected a \.json file"),

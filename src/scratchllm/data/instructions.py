@@ -65,8 +65,9 @@ def _record(obj, where: str) -> Conversation:
     return Conversation((user, {"role": "assistant", "content": obj["output"]}), where)
 
 
-def read_conversations(spec: str) -> list[Conversation]:
-    """A .json array, a .jsonl file or data:NAME -> conversations in file order."""
+def read_records(spec: str, what: str = "records") -> list[tuple[str, object]]:
+    """[(where, object)] of a .json array, a .jsonl file or data:NAME, in file order ("file:line" for
+    JSONL, "file[i]" for an array); errors name the file and say what it should hold (`what`)."""
     if spec.startswith("data:"):
         from scratchllm.data import registry
 
@@ -74,25 +75,28 @@ def read_conversations(spec: str) -> list[Conversation]:
     else:
         path = Path(spec).expanduser()
     if path.is_dir():
-        raise ScratchError(f"{path} is a folder: give a .json or .jsonl file of instruction records")
+        raise ScratchError(f"{path} is a folder: give a .json or .jsonl file of {what}")
     if path.suffix.lower() not in (".json", ".jsonl"):
-        raise ScratchError(f"{path}: expected a .json file (an array of records) or .jsonl (one record per line)")
+        raise ScratchError(f"{path}: expected a .json file (an array of {what}) or .jsonl (one per line)")
     if path.suffix.lower() == ".jsonl":
-        return _nonempty(path, [_record(obj, where) for where, obj in read_jsonl(path)])
-    try:
-        data = json.loads(read_utf8(path))
-    except json.JSONDecodeError as e:
-        raise ScratchError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .jsonl file holds one record per "
-                           "line") from None
-    if not isinstance(data, list):
-        raise ScratchError(f"{path}: expected a JSON array of records, got a {type(data).__name__}")
-    return _nonempty(path, [_record(obj, f"{path}[{i}]") for i, obj in enumerate(data)])
-
-
-def _nonempty(path: Path, convs: list[Conversation]) -> list[Conversation]:
-    if not convs:
+        records = read_jsonl(path)
+    else:
+        try:
+            data = json.loads(read_utf8(path))
+        except json.JSONDecodeError as e:
+            raise ScratchError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .jsonl file holds one record per "
+                               "line") from None
+        if not isinstance(data, list):
+            raise ScratchError(f"{path}: expected a JSON array of {what}, got a {type(data).__name__}")
+        records = [(f"{path}[{i}]", obj) for i, obj in enumerate(data)]
+    if not records:
         raise ScratchError(f"{path}: no records")
-    return convs
+    return records
+
+
+def read_conversations(spec: str) -> list[Conversation]:
+    """A .json array, a .jsonl file or data:NAME -> conversations in file order."""
+    return [_record(obj, where) for where, obj in read_records(spec, "instruction records")]
 
 
 def for_format(conv: Conversation, name: str) -> list[dict]:

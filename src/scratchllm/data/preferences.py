@@ -19,13 +19,10 @@ What it does not do: tokenize, split or batch (train/reward.py, train/dpo.py, tr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from scratchllm.common import ScratchError
-from scratchllm.data.instructions import ROLES, Conversation
-from scratchllm.io.jsonl import read_jsonl, read_utf8
+from scratchllm.data.instructions import ROLES, Conversation, read_records
 
 
 @dataclass(frozen=True)
@@ -50,34 +47,6 @@ class PairSet:
             s += (f"; {len(self.identical)} skipped because chosen == rejected ({', '.join(self.identical[:3])}"
                   + (" ..." if len(self.identical) > 3 else "") + ")")
         return s
-
-
-def read_records(spec: str, what: str) -> list[tuple[str, object]]:
-    """[(where, object)] of a .json array, a .jsonl file or data:NAME."""
-    if spec.startswith("data:"):
-        from scratchllm.data import registry
-
-        path = registry.get(spec.removeprefix("data:"), progress=False)
-    else:
-        path = Path(spec).expanduser()
-    if path.is_dir():
-        raise ScratchError(f"{path} is a folder: give a .json or .jsonl file of {what}")
-    if path.suffix.lower() not in (".json", ".jsonl"):
-        raise ScratchError(f"{path}: expected a .json file (an array of {what}) or .jsonl (one per line)")
-    if path.suffix.lower() == ".jsonl":
-        records = read_jsonl(path)
-    else:
-        try:
-            data = json.loads(read_utf8(path))
-        except json.JSONDecodeError as e:
-            raise ScratchError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .jsonl file holds one record per "
-                               "line") from None
-        if not isinstance(data, list):
-            raise ScratchError(f"{path}: expected a JSON array of {what}, got a {type(data).__name__}")
-        records = [(f"{path}[{i}]", obj) for i, obj in enumerate(data)]
-    if not records:
-        raise ScratchError(f"{path}: no records")
-    return records
 
 
 def _string_field(obj: dict, name: str, where: str) -> str:

@@ -177,7 +177,7 @@ def finish_run(out: Path, test, batch_size: int, steps_per_epoch: float, device:
     the test section of report.md."""
     from scratchllm.eval.classification import confusion_table, metrics_table, plot_confusion
     from scratchllm.infer.classifier import Classifier
-    from scratchllm.train.runlog import plot_curves, read_metrics
+    from scratchllm.train.runlog import add_report_section, plot_curves, read_metrics
 
     plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", ("loss", "accuracy"), steps_per_epoch)
     clf = Classifier.load(out, device=device, precision=precision)
@@ -185,12 +185,10 @@ def finish_run(out: Path, test, batch_size: int, steps_per_epoch: float, device:
     atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     plot_confusion(metrics["confusion"], metrics["labels"], out / "confusion.png", title="test set")
     report = out / "report.md"
-    text = report.read_text() if report.is_file() else ""
     section = (f"\n## Test set ({clf.folder.name}/, {metrics['n']} examples)\n\n{metrics_table(metrics)}\n\n```\n"
                f"{confusion_table(metrics['confusion'], metrics['labels'])}\n```\n\n![curves](curves.png) "
                "![confusion](confusion.png)\n")
-    atomic_write_text(report, text.replace("\n## Config", section + "\n## Config", 1) if "\n## Config" in text
-                      else text + section)
+    add_report_section(report, section)
     print0(f"test: accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro_f1']:.4f} on {metrics['n']} "
            f"examples ({clf.folder})")
     return metrics

@@ -228,6 +228,7 @@ def test_metrics(trainer, te, batch_size: int) -> dict:
     a section of report.md."""
     from scratchllm.common import atomic_write_text
     from scratchllm.data.collate import in_order
+    from scratchllm.train.runlog import add_report_section
 
     which = "best/" if trainer.load_best() else "the final model"
     metrics = trainer.evaluate(lambda: in_order(len(te), batch_size, te.collate))
@@ -237,12 +238,10 @@ def test_metrics(trainer, te, batch_size: int) -> dict:
     if trainer.rank == 0:
         atomic_write_text(out / "test_metrics.json", json.dumps({"model": which, **metrics}, indent=2) + "\n")
         report = out / "report.md"
-        text = report.read_text() if report.is_file() else ""
         section = (f"\n## Test pairs ({which}, {metrics['count']} pairs)\n\nloss {metrics['loss']:.4f}, reward "
                    f"accuracy {metrics['rewards/accuracies']:.4f}, margin {metrics['rewards/margins']:.4f} (chosen "
                    f"{metrics['rewards/chosen']:.4f}, rejected {metrics['rewards/rejected']:.4f})\n")
-        atomic_write_text(report, text.replace("\n## Config", section + "\n## Config", 1) if "\n## Config" in text
-                          else text + section)
+        add_report_section(report, section)
     print0(f"test: reward accuracy {metrics['rewards/accuracies']:.2%}, margin {metrics['rewards/margins']:.3f}, loss "
            f"{metrics['loss']:.4f} on {metrics['count']} pairs ({which})")
     return metrics

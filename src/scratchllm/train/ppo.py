@@ -515,7 +515,7 @@ def _save_value(folder: Path, value: dict) -> None:
 
 def finish_outputs(out: Path, samples: list[dict], n: int) -> None:
     """ppo.png, samples.jsonl and the held-out samples (first and last evaluation) in report.md."""
-    from scratchllm.train.runlog import read_metrics
+    from scratchllm.train.runlog import add_report_section, read_metrics
 
     records = read_metrics(out / "metrics.jsonl")
     plot_ppo(records, out / "ppo.png")
@@ -532,10 +532,8 @@ def finish_outputs(out: Path, samples: list[dict], n: int) -> None:
             lines += [f"- **{prompt[:120]}** (score {s['score']:.3f})", f"  > {answer[:300]}"]
         lines.append("")
     report = out / "report.md"
-    text = report.read_text() if report.is_file() else ""
     section = "\n".join(lines) + "\n"
-    atomic_write_text(report, text.replace("\n## Config", section + "\n## Config", 1) if "\n## Config" in text
-                      else text + section)
+    add_report_section(report, section)
 
 
 def run(args) -> int:

@@ -263,14 +263,15 @@ def reward(cfg: RewardConfig, *, resume=None, overwrite: bool = False) -> dict:
         print0(f"rewards normalised on the {len(tr)} training pairs' answers (mean {mean:.4f}, std {std:.4f} "
                f"before): {best}")
     if run.rank == 0:
-        summary["test"] = finish_run(out, splits["test"], tc.batch_size, trainer.device, trainer.precision,
-                                     info)
+        summary["test"] = finish_run(out, splits["test"], tc.batch_size, trainer.device, trainer.precision)
     summary["exit_code"] = stage.finish(summary)
     return summary
 
 
-def finish_run(out: Path, test_enc, batch_size: int, device: str, precision: str, info: dict) -> dict | None:
+def finish_run(out: Path, test_enc, batch_size: int, device: str, precision: str) -> dict | None:
     """Score the held-out test pairs with best/: test_metrics.json and a test section in report.md."""
+    from scratchllm.train.runlog import add_report_section
+
     if not len(test_enc):
         return None
     rm = RewardModel.load(out, device=device, precision=precision)
@@ -281,9 +282,7 @@ def finish_run(out: Path, test_enc, batch_size: int, device: str, precision: str
     section = (f"\n## Test pairs (best/, {summary['n']} pairs)\n\npairwise accuracy {summary['accuracy']:.4f}, "
                f"mean margin {summary['margin']:.4f}, rewards mean {summary['reward_mean']:.4f} / std "
                f"{summary['reward_std']:.4f} (normalised on the training answers)\n")
-    text = report.read_text() if report.is_file() else ""
-    atomic_write_text(report, text.replace("\n## Config", section + "\n## Config", 1) if "\n## Config" in text
-                      else text + section)
+    add_report_section(report, section)
     print0(f"test: pairwise accuracy {summary['accuracy']:.2%}, mean margin {summary['margin']:.3f} on "
            f"{summary['n']} pairs ({rm.folder})")
     return summary

@@ -161,3 +161,12 @@ def plot_curves(records: list[dict], png: str | Path, metrics: tuple[str, ...], 
         ax.grid(alpha=0.3)
         ax.legend()
     save_png(fig, png)
+
+
+def add_report_section(report: str | Path, section: str) -> None:
+    """Insert a markdown section into report.md before its "## Config" section (or at its end): a
+    stage's results after training (test metrics, samples)."""
+    report = Path(report)
+    text = report.read_text() if report.is_file() else ""
+    atomic_write_text(report, text.replace("\n## Config", section + "\n## Config", 1) if "\n## Config" in text
+                      else text + section)
