@@ -34,18 +34,23 @@ class Conversation:
     where: str  # "file:line" (JSONL) or "file[index]" (a JSON array)
 
 
+def check_messages(messages, where: str) -> list:
+    """A record's `messages`: a non-empty list of {"role": system|user|assistant, "content": str}."""
+    if not isinstance(messages, list) or not messages:
+        raise ScratchError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ScratchError(f"{where}: messages[{i}] must be {{'role': system|user|assistant, 'content': "
+                               f"str}}, got {str(m)[:80]!r}")
+    return messages
+
+
 def _record(obj, where: str) -> Conversation:
     if not isinstance(obj, dict):
         raise ScratchError(f"{where}: expected an object with 'instruction' and 'output', or 'messages'; got "
                            f"{type(obj).__name__} {str(obj)[:60]!r}")
     if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ScratchError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ScratchError(f"{where}: messages[{i}] must be {{'role': system|user|assistant, 'content': "
-                                   f"str}}, got {str(m)[:80]!r}")
+        messages = check_messages(obj["messages"], where)
         if not any(m["role"] == "assistant" for m in messages):
             raise ScratchError(f"{where}: no assistant message: SFT trains on the assistant's turns, give at "
                                "least one")

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scratchllm.common import ScratchError
-from scratchllm.data.instructions import ROLES, Conversation, read_records
+from scratchllm.data.instructions import Conversation, check_messages, read_records
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,7 @@ def prompt_messages(obj, where: str, drop_answer: bool = False) -> tuple[dict, .
         raise ScratchError(f"{where}: expected an object with a prompt ('instruction', 'prompt' or 'messages'); got "
                            f"{type(obj).__name__} {str(obj)[:60]!r}")
     if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ScratchError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ScratchError(f"{where}: messages[{i}] must be {{'role': system|user|assistant, 'content': "
-                                   f"str}}, got {str(m)[:80]!r}")
+        messages = check_messages(obj["messages"], where)
         if drop_answer and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1]["role"] != "user":
