@@ -288,6 +288,15 @@ def add_export(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------- classify
+def _lora_flags(g, what: str = "train LoRA adapters of this rank instead of every weight") -> None:
+    """--lora-rank/alpha/dropout/targets, the same for classify, sft, reward, dpo and ppo."""
+    g.add_argument("--lora-rank", type=positive_int, help=what)
+    g.add_argument("--lora-alpha", type=float, help="adapter scale alpha, the update is alpha/r B A (default 16)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
+                   help="Linear layers to adapt (default c_attn attn.c_proj mlp.c_fc mlp.c_proj)")
+
+
 def _classify_train(args):
     from scratchllm.train.classify import run
 
@@ -342,11 +351,7 @@ def add_classify(sub) -> None:
     g.add_argument("--train", dest="trainable", choices=["head", "last-block", "all", "lora"],
                    help="what trains: the head only, head + last blocks + final norm (default), all, or LoRA + head")
     g.add_argument("--train-blocks", type=positive_int, help="with --train last-block: how many blocks (default 1)")
-    g.add_argument("--lora-rank", type=positive_int, help="with --train lora: adapter rank (default 16)")
-    g.add_argument("--lora-alpha", type=float, help="adapter scale alpha, the update is alpha/r B A (default 16)")
-    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
-    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
-                   help="Linear layers to adapt (default c_attn attn.c_proj mlp.c_fc mlp.c_proj)")
+    _lora_flags(g, "with --train lora: adapter rank (default 16)")
     add_run_flags(g)
     add_train_flags(t)
     t.set_defaults(func=_classify_train)
@@ -432,11 +437,7 @@ def add_sft(sub) -> None:
     g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack several examples into rows of --max-length tokens (attention never crosses between "
                         "them; --batch-size then counts rows)")
-    g.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank instead of every weight")
-    g.add_argument("--lora-alpha", type=float, help="adapter scale alpha, the update is alpha/r B A (default 16)")
-    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
-    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
-                   help="Linear layers to adapt (default c_attn attn.c_proj mlp.c_fc mlp.c_proj)")
+    _lora_flags(g)
     g.add_argument("--samples", type=int, help="validation instructions answered at each --sample-every (default 2)")
     g.add_argument("--show-mask", type=positive_int, metavar="N",
                    help="print N rendered training examples with the trained tokens marked, then stop")
@@ -483,14 +484,6 @@ def _pair_data_flags(g) -> None:
     g.add_argument("--template", choices=TEMPLATES, help="chat format (default: the model's own, else alpaca)")
     g.add_argument("--max-length", type=int, help="tokens per prompt + answer, longer ones cut and counted "
                                                   "(default: the model's block_size)")
-
-
-def _lora_flags(g, what: str = "train LoRA adapters of this rank instead of every weight") -> None:
-    g.add_argument("--lora-rank", type=positive_int, help=what)
-    g.add_argument("--lora-alpha", type=float, help="adapter scale alpha, the update is alpha/r B A (default 16)")
-    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
-    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
-                   help="Linear layers to adapt (default c_attn attn.c_proj mlp.c_fc mlp.c_proj)")
 
 
 def add_reward(sub) -> None:

@@ -182,6 +182,13 @@ def adapt_kl_coef(coef: float, kl: float, target: float, n: int, horizon: int) -
     return coef * (1 + max(-0.2, min(0.2, kl / target - 1)) * n / horizon)
 
 
+def dropout_off(model: nn.Module) -> None:
+    """Every Dropout of `model` at p = 0: the log-probs of the rollouts and of the updates must match."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
 # --------------------------------------------------------------------------------------------- files
 def split_state(state: dict) -> tuple[dict, dict]:
     """(the policy's tensors, the value function's tensors) of the Trainer's state dict."""
@@ -232,7 +239,7 @@ def ppo(cfg: PPOConfig, *, resume=None, overwrite: bool = False) -> dict:
     from scratchllm.train.reward import RewardModel
     from scratchllm.train.sft import choose_format
     from scratchllm.weights.checkpoint import open_model
-    from scratchllm.weights.folder import write_adapter_files, write_state_files
+    from scratchllm.weights.folder import save_weights, write_adapter_files, write_state_files
     from scratchllm.weights.state import read_safetensors
 
     run = stage.start(cfg, resume=resume, overwrite=overwrite, resume_free=stage.RESUME_FREE | {"samples", "max_kl"})
@@ -275,9 +282,7 @@ def ppo(cfg: PPOConfig, *, resume=None, overwrite: bool = False) -> dict:
                                "needs both to read the same text. Train the reward model on the policy's model, or "
                                "pass --retokenize to score the decoded responses re-tokenized by the reward model")
 
-    for m in policy.modules():  # dropout off: the log-probs of rollouts and updates must match
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
+    dropout_off(policy)
     lora = None
     if cfg.lora_rank:
         apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets))
@@ -297,9 +302,7 @@ def ppo(cfg: PPOConfig, *, resume=None, overwrite: bool = False) -> dict:
             value_model = SequenceClassifier(open_model(cfg.model).model, 1)
             nn.init.zeros_(value_model.head.weight)
             nn.init.zeros_(value_model.head.bias)
-        for m in value_model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
+        dropout_off(value_model)
         policy.add_module("value_model", value_model.requires_grad_(True).train())
     frozen = {} if lora else {"ref": open_model(cfg.model).model}
     base = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
@@ -311,7 +314,7 @@ def ppo(cfg: PPOConfig, *, resume=None, overwrite: bool = False) -> dict:
             write_adapter_files(folder, lm, base, lora, mcfg, tokenizer, chat=fmt)
         else:
             write_state_files(folder, lm, mcfg, tokenizer, chat=fmt)
-        _save_value(folder, value)
+        save_weights(folder, value, VALUE_FILE)
 
     def read_model(folder: Path) -> dict:
         state = read_safetensors(folder / "model.safetensors")
@@ -504,13 +507,6 @@ def user_text(conv, fmt) -> str:
 
     messages = for_format(conv, fmt.name)
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
-
-
-def _save_value(folder: Path, value: dict) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in value.items()}, str(Path(folder) / VALUE_FILE),
-              metadata={"format": "pt"})
 
 
 def finish_outputs(out: Path, samples: list[dict], n: int) -> None:

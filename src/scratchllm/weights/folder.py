@@ -52,10 +52,10 @@ def write_model_files(model: torch.nn.Module, tokenizer, folder: str | Path, met
         (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_weights(folder: str | Path, state_dict: dict) -> None:
-    """folder/model.safetensors from a state dict (on the CPU, contiguous)."""
+def save_weights(folder: str | Path, state_dict: dict, name: str = WEIGHTS) -> None:
+    """folder/model.safetensors (or folder/NAME) from a state dict (on the CPU, contiguous)."""
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(weights, str(Path(folder) / WEIGHTS), metadata={"format": "pt"})
+    save_file(weights, str(Path(folder) / name), metadata={"format": "pt"})
 
 
 def write_model_meta(folder: str | Path, model_config, tokenizer, chat=None) -> None:
