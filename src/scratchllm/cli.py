@@ -709,6 +709,38 @@ def add_chat(sub) -> None:
     p.set_defaults(func=_chat)
 
 
+# --------------------------------------------------------------------------------------------- serve
+def _serve(args):
+    from scratchllm.serve.commands import serve
+
+    return serve(args)
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API (continuous batching, streaming) with a chat page",
+                       description="Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, "
+                                   "GET /health, and the chat page at /. See docs/serve.md.")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--name", help="the model id clients send and see (default: the last part of --model)")
+    p.add_argument("--chat-format", choices=TEMPLATES, help="the chat format (default: the model's own)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $SCRATCHLLM_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for a slot; more get HTTP 429 (default 64)")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: the model's context)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body; bigger ones get HTTP 413 unread (default 1 MiB)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights dtype (auto: bf16 where fast, else fp32)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info: one line per request)")
+    p.set_defaults(func=_serve)
+
+
 # --------------------------------------------------------------------------------------------- demo
 def _demo(args):
     from scratchllm.demo import run
@@ -726,7 +758,8 @@ def add_demo(sub) -> None:
 
 # Each entry registers one subcommand (group). Keep them in pipeline order.
 COMMANDS = [add_tokenizer, add_data, add_model, add_download, add_export, add_pretrain, add_classify, add_sft,
-            add_reward, add_dpo, add_ppo, add_merge, add_generate, add_chat, add_eval, add_demo]
+            add_reward, add_dpo, add_ppo, add_merge, add_generate, add_chat, add_serve, add_eval,
+            add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,3 +123,115 @@ class KVCache:
     def advance(self, T: int) -> None:
         """Mark T more positions as filled (the model calls this once after all layers)."""
         self.pos += T
+
+
+class SlotKVCache:
+    """Keys and values of up to `slots` independent sequences of different lengths, for continuous
+    batching (serve/scheduler.py): sequences join and leave between decode steps.
+
+    Row b of the cache holds one sequence with lens[b] positions filled. The model runs on a window of
+    rows: `select(start, count)` before a forward. A prefill runs on fresh rows (lens 0) with one
+    prompt per row, right-padded to the longest; a decode step runs on rows 0..n-1 with one new token
+    each, written at column lens[b], and a mask hides every column past each row's own length, so a
+    row computes exactly what it would alone. The capacity (columns) grows by doubling up to max_len;
+    `move(src, dst)` copies a row (to keep the live rows packed at the front when one leaves).
+
+        cache = SlotKVCache(model.config, slots=8, max_len=1024)
+        cache.select(0, 1); model(prompt[None], kv_cache=cache); cache.set_length(0, len(prompt))
+        cache.select(0, n); logits = model(next_ids[:, None], kv_cache=cache)   # (n, 1, V), lens += 1
+    """
+
+    min_pad = 0  # positions are per row; the model reads pos - min_pad as the largest position fed
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, device="cpu",
+                 dtype: torch.dtype = torch.float32, capacity: int = 256):
+        if slots <= 0 or max_len <= 0:
+            raise ScratchError(f"SlotKVCache: slots and max_len must be positive, got {slots}, {max_len}")
+        self.config, self.slots, self.limit = config, slots, max_len
+        self.device, self.dtype = device, dtype
+        self.lens = torch.zeros(slots, dtype=torch.long)  # filled positions of each row (on the CPU)
+        self.start, self.count = 0, 1
+        self._alloc(min(capacity, max_len))
+
+    def _alloc(self, cap: int) -> None:
+        cfg = self.config
+        shape = (cfg.n_layer, self.slots, cfg.kv_heads, cap, cfg.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if hasattr(self, "k"):
+            old = self.k.shape[3]
+            k[:, :, :, :old], v[:, :, :, :old] = self.k, self.v
+        self.k, self.v = k, v
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]  # the current capacity: the model checks the cache's shape against it
+
+    def reserve(self, n: int) -> None:
+        """Make room for n columns (doubling the capacity, at most to the max_len given at creation)."""
+        if n > self.limit:
+            raise ScratchError(f"SlotKVCache: {n} positions asked for, more than max_len {self.limit}")
+        cap = self.max_len
+        while cap < n:
+            cap = min(2 * cap, self.limit)
+        if cap > self.max_len:
+            self._alloc(cap)
+
+    def select(self, start: int, count: int) -> None:
+        """Run the next forward on rows [start, start + count)."""
+        if not (0 <= start and count > 0 and start + count <= self.slots):
+            raise ScratchError(f"SlotKVCache.select: rows [{start}, {start + count}) outside 0..{self.slots}")
+        self.start, self.count = start, count
+
+    def set_length(self, row: int, n: int) -> None:
+        """Row `row` holds n real positions (after a right-padded prefill: its prompt's length)."""
+        self.lens[row] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row src (its keys, values and length) into row dst."""
+        n = int(self.lens[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lens[dst] = n
+
+    # ------------------------------------------------------------------ used by the model
+    @property
+    def pos(self) -> int:
+        return int(self.lens[self.start:self.start + self.count].max())  # the longest selected row
+
+    def _rows(self) -> torch.Tensor:
+        return self.lens[self.start:self.start + self.count]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(count, T): row b's next T tokens sit at positions lens[b] .. lens[b] + T - 1."""
+        self.reserve(self.pos + T)
+        return (self._rows()[:, None] + torch.arange(T)[None, :]).to(self.device)
+
+    def attn_mask(self, T: int) -> torch.Tensor:
+        """(count, 1, T, L), L = pos + T: the query at t of row b sees columns <= lens[b] + t."""
+        L = self.pos + T
+        q = self._rows()[:, None, None] + torch.arange(T)[None, :, None]  # (count, T, 1)
+        return (torch.arange(L)[None, None, :] <= q)[:, None].to(self.device)  # (count, 1, T, L)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (count, n_kv_head, T, head_dim) at each row's columns [lens[b], lens[b] + T);
+        return the selected rows' first pos + T columns of `layer`."""
+        if k.dtype != self.dtype:
+            raise ScratchError(f"SlotKVCache dtype {self.dtype} does not match the model's activations {k.dtype}")
+        if k.shape[0] != self.count:
+            raise ScratchError(f"SlotKVCache has {self.count} rows selected, got a batch of {k.shape[0]}")
+        rows = slice(self.start, self.start + self.count)
+        T, lens = k.shape[2], self._rows()
+        if bool((lens == lens[0]).all()):  # all rows equally long (a fresh prefill): one slice write
+            n = int(lens[0])
+            self.k[layer, rows, :, n:n + T], self.v[layer, rows, :, n:n + T] = k, v
+        else:
+            for t in range(T):  # one scatter per new column (T is 1 in a decode step)
+                r = torch.arange(self.start, self.start + self.count, device=self.k.device)
+                c = (lens + t).to(self.k.device)
+                self.k[layer, r, :, c], self.v[layer, r, :, c] = k[:, :, t], v[:, :, t]
+        L = self.pos + T
+        return self.k[layer, rows, :, :L], self.v[layer, rows, :, :L]
+
+    def advance(self, T: int) -> None:
+        self.lens[self.start:self.start + self.count] += T

@@ -1,0 +1,229 @@
+"""The scheduler: continuous batching of many requests over one model, in one background thread.
+
+What it does: `Scheduler(engine, max_batch, max_queue)` owns the model. `submit(request)` puts a
+Request in a bounded waiting queue (QueueFull when it is full). The thread loops: it admits waiting
+requests while slots are free (prefilling each prompt into its own rows of a SlotKVCache, once for all
+n choices of a request), then runs one decode step for every live sequence together, samples each
+sequence's next token with its own parameters and generator, and retires the sequences that ended
+(stop token, stop string, max_tokens) or whose client went away (`request.cancel()`), moving the last
+live row into the freed one so the live rows stay packed at the front. A sequence's text goes through
+its own Detokenizer, so deltas never split a UTF-8 character and never show any part of a stop string.
+Events reach the request's `sink` (called from the scheduler thread): ("delta", index, text) and
+("done", index, finish_reason, completion_tokens), or ("error", None, message).
+What it does not do: speak HTTP or JSON (see app.py), or load models.
+
+    sched = Scheduler(Engine(model, tokenizer), max_batch=16, max_queue=64)
+    sched.start()
+    sched.submit(Request(prompt_ids, max_tokens=50, params=SamplingParams(0.0), sink=print))
+
+Greedy output does not depend on the company a sequence keeps: each row is masked to its own columns,
+so batching changes only the matrix shapes of a step (see tests/test_serve.py for the check).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from scratchllm.common import ScratchError
+from scratchllm.infer.detok import Detokenizer
+from scratchllm.infer.sampling import SamplingParams, make_generator, sample
+from scratchllm.model.kv_cache import SlotKVCache
+
+
+class QueueFull(ScratchError):
+    """The waiting queue holds max_queue requests: the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int  # most new tokens per choice (the stop token, when one ends it, counts as one)
+    params: SamplingParams
+    sink: Callable[[tuple], None]  # receives events, from the scheduler thread
+    n: int = 1  # choices: n sequences from the same prompt, choice i seeded with seed + i
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """The client went away: free its slots at the next step (safe from any thread)."""
+        self.cancelled = True
+
+
+@dataclass
+class Sequence:
+    request: Request
+    index: int  # which choice of its request
+    detok: Detokenizer
+    gen: torch.Generator | None
+    generated: int = 0
+    next_id: int = -1  # the token to feed at the next decode step
+    finish: str | None = None  # "stop" or "length" once it ended
+
+
+class Scheduler:
+    def __init__(self, engine, max_batch: int = 16, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 1:
+            raise ScratchError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.context = engine.config.block_size
+        self.cache = SlotKVCache(engine.config, max_batch, self.context, device=engine.device, dtype=engine.dtype)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.live: list[Sequence] = []  # live[i] sits in cache row i
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # decode steps run (each serves every live sequence)
+        self.peak_batch = 0  # the most sequences decoded in one step
+
+    # ------------------------------------------------------------------ public API
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="scratchllm-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; QueueFull when max_queue requests already wait."""
+        if not 1 <= request.n <= self.max_batch:
+            raise ScratchError(f"n={request.n}: this server runs at most {self.max_batch} sequences at once")
+        with self._cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting): retry later")
+            self.waiting.append(request)
+            self._cond.notify()
+
+    def load(self) -> dict:
+        return {"running": len(self.live), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                "max_queue": self.max_queue, "steps": self.steps, "peak_batch": self.peak_batch}
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.waiting and not self.live:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    admitted = self._take_admissible()
+                try:
+                    for request in admitted:
+                        self._prefill(request)
+                    self._retire()
+                    if self.live:
+                        self._decode_step()
+                        self._retire()
+                except Exception as e:  # a bug or out of memory: fail the requests, keep serving
+                    message = f"generation failed: {type(e).__name__}: {e}"
+                    for request in {id(s.request): s.request for s in self.live}.values():
+                        request.sink(("error", None, message))
+                    self.live.clear()
+        for request in [*self.waiting, *(s.request for s in self.live)]:
+            request.sink(("error", None, "the server is shutting down"))
+
+    def _take_admissible(self) -> list[Request]:
+        """Pop waiting requests (oldest first) while their choices fit in the free slots."""
+        out, free = [], self.max_batch - len(self.live)
+        while self.waiting:
+            request = self.waiting[0]
+            if request.cancelled:
+                self.waiting.popleft()
+                continue
+            if request.n > free:
+                break
+            out.append(self.waiting.popleft())
+            free -= request.n
+        return out
+
+    def _prefill(self, request: Request) -> None:
+        """Run the prompt into the next free row, copy it for the other choices, sample each one's
+        first token."""
+        eng, cache = self.engine, self.cache
+        row = len(self.live)
+        cache.set_length(row, 0)
+        cache.select(row, 1)
+        idx = torch.tensor([request.prompt_ids], dtype=torch.long, device=eng.device)  # (1, T)
+        hidden = eng.runner.hidden_states(idx, kv_cache=cache)  # (1, T, n_embd)
+        logits = eng.runner.lm_head(hidden[:, -1])  # (1, V)
+        seqs = []
+        for i in range(request.n):
+            if i:
+                cache.move(row, row + i)
+            gen = None if request.params.greedy else make_generator(
+                None if request.seed is None else request.seed + i, eng.device)
+            seq = Sequence(request, i, Detokenizer(eng.tokenizer, request.stop_strings), gen)
+            self.live.append(seq)
+            seqs.append(seq)
+        self._sample(seqs, logits.expand(len(seqs), -1))
+
+    def _decode_step(self) -> None:
+        n = len(self.live)
+        self.cache.select(0, n)
+        ids = torch.tensor([[s.next_id] for s in self.live], dtype=torch.long, device=self.engine.device)
+        logits = self.engine.runner(ids, kv_cache=self.cache)[:, -1]  # (n, V)
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, n)
+        self._sample(self.live, logits)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose each sequence's next token from its row of logits (n, V) and emit what it adds."""
+        eng = self.engine
+        if eng.n_valid < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, eng.n_valid:] = float("-inf")  # padding rows of the head: ids no tokenizer has
+        greedy = logits.argmax(dim=-1).tolist()  # one pass for every greedy row
+        for b, seq in enumerate(seqs):
+            params = seq.request.params
+            t = greedy[b] if params.greedy else int(sample(logits[b:b + 1], params, seq.gen)[0])
+            self._emit(seq, t)
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        request = seq.request
+        seq.generated += 1
+        if token in request.stop_ids:
+            seq.finish = "stop"
+        else:
+            delta = seq.detok.push(token)
+            if delta:
+                request.sink(("delta", seq.index, delta))
+            if seq.detok.stopped:
+                seq.finish = "stop"
+            elif seq.generated >= request.max_tokens:
+                seq.finish = "length"
+        if seq.finish is None:
+            seq.next_id = token
+            return
+        tail = seq.detok.finish()
+        if tail:
+            request.sink(("delta", seq.index, tail))
+        request.sink(("done", seq.index, seq.finish, seq.generated))
+
+    def _retire(self) -> None:
+        """Drop ended and cancelled sequences; the last live row moves into each freed row."""
+        for i in range(len(self.live) - 1, -1, -1):
+            seq = self.live[i]
+            if seq.finish is None and not seq.request.cancelled:
+                continue
+            last = len(self.live) - 1
+            if i != last:
+                self.cache.move(last, i)
+                self.live[i] = self.live[last]
+            self.live.pop()
