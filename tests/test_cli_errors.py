@@ -324,6 +324,15 @@ CASES = {
         ("temperature -1", "chat --model {w}/chatbase --message hi --temperature -1", "temperature=-1"),
         ("unknown chat format", "chat --model {w}/run --chat-format vicuna", "'vicuna'"),
     ],
+    ("serve",): [
+        ("missing model", "serve --model {w}/nope --device cpu", "nope"),
+        ("a classifier run", "serve --model {w}/clf --device cpu", "is a text classifier"),
+        ("port out of range", "serve --model {w}/run --port 70000", "--port must be <= 65535"),
+        ("port not a number", "serve --model {w}/run --port http", "'http'"),
+        ("no slots", "serve --model {w}/run --max-batch 0", "--max-batch must be >= 1"),
+        ("max tokens limit 0", "serve --model {w}/run --max-tokens-limit 0", "--max-tokens-limit must be >= 1"),
+        ("unknown chat format", "serve --model {w}/run --chat-format vicuna", "'vicuna'"),
+    ],
     ("demo",): [
         ("out is a file", "demo --out {w}/file.txt --max-steps 1", "file.txt"),
         ("vocab too small", "demo --out {w}/d --vocab-size 10 --max-steps 1", "--vocab-size 10"),

@@ -388,3 +388,29 @@ def test_cli_flags_reach_the_app(world, monkeypatch, capsys):
     assert main(["serve", "--model", str(world.folder), "--host", "0.0.0.0", "--name", "x", "--device", "cpu"]) == 0
     assert "without an API key" in capsys.readouterr().err
     assert seen["app"].state.server.api_key is None and seen["app"].state.server.model_id == "x"
+
+
+# --------------------------------------------------------------------------------------------- past one machine
+def test_exported_folder_carries_what_other_engines_read(world, tmp_path):
+    """docs/serve.md hands `scratchllm export --format hf` to vLLM / llama.cpp: they read config.json,
+    the tokenizer files, the chat template and the turn-ending tokens (generation_config.json)."""
+    transformers = pytest.importorskip("transformers", reason="transformers (dev extra)")
+    from scratchllm.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["export", "--model", str(world.folder), "--format", "hf", "--out", str(out)]) == 0
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert (config.model_type, config.n_positions, config.vocab_size) == ("gpt2", 128, 300)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    messages = HELLO + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == render(CHATML, messages, world.tok)
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert set(gen.eos_token_id) == set(turn_stops(CHATML, world.tok)[0]) == {world.tok.special_tokens["<|im_end|>"],
+                                                                             world.tok.eot_token}
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = torch.tensor([render(CHATML, HELLO, world.tok)])
+    with torch.no_grad():
+        assert torch.allclose(model(prompt).logits, world.model(prompt), atol=1e-3)

@@ -332,7 +332,9 @@ def _write_tokenizer(tmp: Path, tokenizer, gpt2: bool, block_size: int, template
 def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = False, chat=None) -> Path:
     """Write a HF folder (weights + tokenizer) that transformers loads unchanged: GPT2LMHeadModel for
     the GPT-2 architecture, LlamaForCausalLM / Qwen2ForCausalLM for rmsnorm + rope + swiglu models.
-    `chat` (a tokenizer.chat.ChatFormat) adds its Jinja chat template to tokenizer_config.json.
+    `chat` (a tokenizer.chat.ChatFormat) adds its Jinja chat template to tokenizer_config.json, and a
+    generation_config.json whose eos_token_id lists the tokens that end a turn (<|im_end|> and
+    <|endoftext|> for ChatML): what transformers' generate and vLLM stop at.
 
     `out_dir` may be missing or an empty folder; anything else (a non-empty folder, a file) is
     refused unless `overwrite`, which replaces it only once the new folder is complete. Everything
@@ -347,15 +349,20 @@ def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = Fals
                            f"{cfg.vocab_size} embedding rows: they do not belong together")
     if hf_config["model_type"] == "qwen2":
         hf_llama.check_qwen2_tokenizer(tokenizer)
-    template = None
+    template, generation = None, None
     if chat is not None:
-        from scratchllm.tokenizer.chat import jinja_template
+        from scratchllm.tokenizer.chat import jinja_template, turn_stops
 
         template = jinja_template(chat)
+        stops = turn_stops(chat, tokenizer)[0] if tokenizer is not None else []
+        if stops:
+            generation = {"bos_token_id": hf_config.get("bos_token_id"), "eos_token_id": stops}
     weights = state_dict_to_hf(model) if cfg.is_gpt2 else hf_llama.state_dict_to_llama(model)
     with atomic_dir(out_dir, overwrite=overwrite or empty_dir) as tmp:  # an empty folder is replaced
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if generation is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             _write_tokenizer(tmp, tokenizer, cfg.is_gpt2, cfg.block_size, template)
     return out_dir
