@@ -37,7 +37,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	for b in tokenizer prepare generate train model_step open_weights classify sft dpo; do \
+	for b in tokenizer prepare generate train model_step open_weights classify sft dpo serve; do \
 		echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 
 lint: $(STAMP)

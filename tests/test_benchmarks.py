@@ -27,6 +27,7 @@ SMOKE = {  # script -> (smoke-mode arguments, the line that reports its ratio ag
     "classify": (["--quick", "--repeats", "1"], "ratio ours/peer"),
     "sft": (["--quick", "--steps", "1"], "speed ours/peer"),
     "dpo": (["--quick", "--steps", "1"], "speed precomputed/reference"),
+    "serve": (["--quick"], "overhead vs scratchllm generate"),
 }
 # the scripts that time torch in bf16 -> smoke arguments for the run as on a CPU without fast bf16
 # (train: ours only, it is the slowest; the skip decision is the same for both implementations)
@@ -38,6 +39,7 @@ WITHOUT_FAST_BF16 = {
     "classify": ["--quick", "--repeats", "1"],
     "sft": ["--quick", "--steps", "1"],
     "dpo": ["--quick", "--steps", "1", "--modes", "lora"],
+    "serve": ["--quick"],
 }
 # run a script as `python benchmarks/NAME.py ARGV` would, but with no fast bf16 on this CPU
 AS_ON_AVX2 = """import runpy, sys

@@ -177,6 +177,20 @@ def test_unknown_fields_are_ignored(client):
     assert r.usage.completion_tokens <= 3
 
 
+def test_eval_judge_runs_against_the_server(live, tmp_path):
+    """docs/serve.md points `scratchllm eval judge` at this server: every prompt gets a reply (a tiny random
+    model's replies hold no score, so they are counted as unreadable, not as failures)."""
+    from scratchllm.cli import main
+
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w, "response": w} for w in ("yes", "no", "maybe")]
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["eval", "judge", str(path), "--judge-url", live, "--judge-model", "tiny-chat", "--api-key", KEY,
+                 "--workers", "3", "--retries", "0"]) == 0
+    cache = [json.loads(line) for line in (tmp_path / "responses.judge-cache.jsonl").read_text().splitlines()]
+    assert len(cache) == 3
+
+
 # --------------------------------------------------------------------------------------------- errors
 def _error(e) -> dict:
     body = e.response.json()
@@ -300,6 +314,42 @@ def test_slot_cache_rows_compute_what_they_would_alone(world):
     assert cache.lens[:2].tolist() == [4, 10] and cache.max_len == 16
 
 
+def test_scheduler_prefills_prompts_of_different_lengths_together(world):
+    """Requests queued before the scheduler starts are admitted at once: one right-padded prefill, the
+    n=2 request's second choice copied into its own row; each answer equals the engine's alone."""
+    from scratchllm.infer.sampling import SamplingParams
+    from scratchllm.serve.scheduler import Request, Scheduler
+
+    sched = Scheduler(world.engine, max_batch=8)
+    prompts = [world.tok.encode(t) for t in ("Once upon a time there was", "Hi", "The cat sat on the")]
+    texts = {}
+
+    def sink_for(p):
+        def sink(batch):
+            for kind, index, *rest in batch:
+                if kind == "delta":
+                    texts[(p, index)] = texts.get((p, index), "") + rest[0]
+                else:
+                    texts[(kind, p, index)] = rest
+        return sink
+
+    for p, ids in enumerate(prompts):
+        sched.submit(Request(ids, 10, SamplingParams(0.0), sink_for(p), n=2 if p == 1 else 1))
+    prefills = []
+    real = sched._prefill
+    sched._prefill = lambda batch: (prefills.append(len(batch)), real(batch))
+    sched.start()
+    deadline = time.monotonic() + 20
+    while sum(1 for k in texts if k[0] == "done") < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sched.stop()
+    assert prefills == [3] and sched.peak_batch == 4
+    for p, ids in enumerate(prompts):
+        want = world.tok.decode(list(world.engine.generate(ids, 10, temperature=0)))
+        for i in range(2 if p == 1 else 1):
+            assert texts.get((p, i), "") == want and texts[("done", p, i)] == ["length", 10]
+
+
 # --------------------------------------------------------------------------------------------- in-process
 @pytest.fixture()
 def slow_app(world):
@@ -372,12 +422,12 @@ def test_scheduler_failure_answers_500_and_keeps_serving(world):
 
 # --------------------------------------------------------------------------------------------- the CLI
 def test_cli_flags_reach_the_app(world, monkeypatch, capsys):
-    import uvicorn
-
+    import scratchllm.serve.commands as commands
     from scratchllm.cli import main
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(commands, "serve_forever", lambda app, host, port, log_level: seen.update(app=app, host=host,
+                                                                                                 port=port))
     monkeypatch.setenv("SCRATCHLLM_API_KEY", "from-env")
     assert main(["serve", "--model", str(world.folder), "--host", "0.0.0.0", "--port", "9", "--max-batch", "4",
                  "--api-key", "from-flag", "--device", "cpu", "--precision", "fp32"]) == 0

@@ -80,8 +80,10 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        act_dtype = q.dtype
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, L, head_dim), L = pos + T
+            q = q.to(k.dtype)  # a cache may keep keys and values in fp32 for a bf16 model (SlotKVCache)
         # without a mask, attention is plain causal over T == L keys (or one query that sees all keys)
         causal = mask is None and T > 1
         if self.naive:
@@ -95,7 +97,7 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                    dropout_p=self.dropout if self.training else 0.0,
                                                    enable_gqa=nkv != nh).to(dtype)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, n_embd): heads side by side
+        y = y.to(act_dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, n_embd): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
     def _naive(self, q, k, v, mask, causal):

@@ -135,6 +135,9 @@ class SlotKVCache:
     each, written at column lens[b], and a mask hides every column past each row's own length, so a
     row computes exactly what it would alone. The capacity (columns) grows by doubling up to max_len;
     `move(src, dst)` copies a row (to keep the live rows packed at the front when one leaves).
+    `dtype` may differ from the model's: keys and values are stored in it and attention runs in it
+    (fp32 for a bf16 model on a CPU, where PyTorch's bf16 attention measured 4-5x slower than fp32's
+    at decode; docs/serve.md).
 
         cache = SlotKVCache(model.config, slots=8, max_len=1024)
         cache.select(0, 1); model(prompt[None], kv_cache=cache); cache.set_length(0, len(prompt))
@@ -197,40 +200,45 @@ class SlotKVCache:
     # ------------------------------------------------------------------ used by the model
     @property
     def pos(self) -> int:
-        return int(self.lens[self.start:self.start + self.count].max())  # the longest selected row
+        return int(self._rows().max())  # the longest selected row
 
     def _rows(self) -> torch.Tensor:
         return self.lens[self.start:self.start + self.count]
 
     def positions(self, T: int) -> torch.Tensor:
-        """(count, T): row b's next T tokens sit at positions lens[b] .. lens[b] + T - 1."""
-        self.reserve(self.pos + T)
-        return (self._rows()[:, None] + torch.arange(T)[None, :]).to(self.device)
+        """(count, T): row b's next T tokens sit at positions lens[b] .. lens[b] + T - 1. Called once per
+        forward, before the layers: it also fixes that forward's key length and whether rows differ."""
+        lens = self._rows()
+        self._L = int(lens.max()) + T
+        self._uniform = bool((lens == lens[0]).all())
+        self.reserve(self._L)
+        return (lens[:, None] + torch.arange(T)[None, :]).to(self.device)
 
-    def attn_mask(self, T: int) -> torch.Tensor:
-        """(count, 1, T, L), L = pos + T: the query at t of row b sees columns <= lens[b] + t."""
-        L = self.pos + T
-        q = self._rows()[:, None, None] + torch.arange(T)[None, :, None]  # (count, T, 1)
-        return (torch.arange(L)[None, None, :] <= q)[:, None].to(self.device)  # (count, 1, T, L)
+    def attn_mask(self, T: int) -> torch.Tensor | None:
+        """(count, 1, T, L), L = pos + T: the query at t of row b sees columns <= lens[b] + t; None when
+        plain attention is exact (rows of one length, and one new token or an empty cache)."""
+        lens = self._rows()
+        if self._uniform and (T == 1 or int(lens[0]) == 0):
+            return None
+        q = lens[:, None, None] + torch.arange(T)[None, :, None]  # (count, T, 1)
+        return (torch.arange(self._L)[None, None, :] <= q)[:, None].to(self.device)  # (count, 1, T, L)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (count, n_kv_head, T, head_dim) at each row's columns [lens[b], lens[b] + T);
         return the selected rows' first pos + T columns of `layer`."""
-        if k.dtype != self.dtype:
-            raise ScratchError(f"SlotKVCache dtype {self.dtype} does not match the model's activations {k.dtype}")
         if k.shape[0] != self.count:
             raise ScratchError(f"SlotKVCache has {self.count} rows selected, got a batch of {k.shape[0]}")
+        k, v = k.to(self.dtype), v.to(self.dtype)  # a bf16 model may keep its cache in fp32 (see __init__)
         rows = slice(self.start, self.start + self.count)
-        T, lens = k.shape[2], self._rows()
-        if bool((lens == lens[0]).all()):  # all rows equally long (a fresh prefill): one slice write
-            n = int(lens[0])
-            self.k[layer, rows, :, n:n + T], self.v[layer, rows, :, n:n + T] = k, v
+        T, L = k.shape[2], self._L
+        if self._uniform:  # all rows equally long: one slice write
+            n = L - T
+            self.k[layer, rows, :, n:L], self.v[layer, rows, :, n:L] = k, v
         else:
+            r = torch.arange(self.start, self.start + self.count, device=self.k.device)
             for t in range(T):  # one scatter per new column (T is 1 in a decode step)
-                r = torch.arange(self.start, self.start + self.count, device=self.k.device)
-                c = (lens + t).to(self.k.device)
+                c = (self._rows() + t).to(self.k.device)
                 self.k[layer, r, :, c], self.v[layer, r, :, c] = k[:, :, t], v[:, :, t]
-        L = self.pos + T
         return self.k[layer, rows, :, :L], self.v[layer, rows, :, :L]
 
     def advance(self, T: int) -> None:

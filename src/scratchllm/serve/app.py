@@ -7,8 +7,8 @@ What it does: `create_app(engine, model_id, chat=..., api_key=...)` returns a Fa
   ids or a list of lists of ids) continued, ending at `<|endoftext|>`;
 - `GET /health` (open, no key): the model and the scheduler's load; `GET /`: the chat page.
 Both completion endpoints take max_tokens (or max_completion_tokens), temperature, top_p, top_k,
-min_p, repetition_penalty, seed, stop (a string or a list), n, stream and stream_options.include_usage,
-answer in OpenAI's shapes (chunks as Server-Sent Events when streaming, then `data: [DONE]`) and
+min_p, repetition_penalty, ignore_eos (vLLM's: no stop at end of text or turn), seed, stop (a string
+or a list), n, stream and stream_options.include_usage, answer in OpenAI's shapes (chunks as Server-Sent Events when streaming, then `data: [DONE]`) and
 count usage with the model's tokenizer: prompt tokens once per prompt, completion tokens as the tokens
 sampled (a stop token included). Unknown fields are ignored, as OpenAI-compatible servers do; a known
 field of the wrong type or range is a 400 naming it. Errors come as {"error": {"message", "type",
@@ -276,14 +276,19 @@ class Server:
 
 
 def create_app(engine, model_id: str, chat=None, api_key: str | None = None, max_batch: int = 16,
-               max_queue: int = 64, max_tokens_limit: int | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+               max_queue: int = 64, max_tokens_limit: int | None = None, max_body_bytes: int = 1 << 20,
+               scheduler_thread: bool = True) -> FastAPI:
+    """scheduler_thread: the app starts (and stops) its scheduler in a background thread; False = the
+    caller runs app.state.server.scheduler.run() itself (in the main thread: `scratchllm serve`)."""
     server = Server(engine, model_id, chat, api_key, max_batch, max_queue, max_tokens_limit, max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        server.scheduler.start()
+        if scheduler_thread:
+            server.scheduler.start()
         yield
-        server.scheduler.stop()
+        if scheduler_thread:
+            server.scheduler.stop()
 
     app = FastAPI(title="scratchllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -355,6 +360,8 @@ def create_app(engine, model_id: str, chat=None, api_key: str | None = None, max
         if options is not None and not isinstance(options, dict):
             raise _bad("stream_options", "an object {include_usage}", options)
         include_usage = _boolean(options or {}, "include_usage")
+        if _boolean(body, "ignore_eos"):  # vLLM's extra field: run to max_tokens (benchmarks use it)
+            stop_ids, stop_texts = frozenset(), ()
         stops = stop_texts + _stops(body)
         if len(prompts) * n > server.scheduler.max_batch:
             raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more sequences than this server runs at once "
@@ -365,9 +372,9 @@ def create_app(engine, model_id: str, chat=None, api_key: str | None = None, max
         events: asyncio.Queue = asyncio.Queue()
         gens = []
         for i, ids in enumerate(prompts):
-            def sink(event, offset=i * n):
-                kind_, index, *rest = event
-                loop.call_soon_threadsafe(events.put_nowait, (kind_, None if index is None else offset + index, *rest))
+            def sink(batch, offset=i * n):  # choice j of prompt i is choice i * n + j of the response
+                batch = [(kind_, None if index is None else offset + index, *rest) for kind_, index, *rest in batch]
+                loop.call_soon_threadsafe(events.put_nowait, batch)
             gens.append(GenRequest(ids, max_tokens[i], params, sink, n=n, seed=seed, stop_ids=stop_ids,
                                    stop_strings=stops))
         if not server.scheduler.alive:
@@ -397,18 +404,19 @@ def create_app(engine, model_id: str, chat=None, api_key: str | None = None, max
                 pending = total
                 while pending:
                     try:
-                        event = await asyncio.wait_for(events.get(), timeout=0.5)
+                        batch = await asyncio.wait_for(events.get(), timeout=0.5)
                     except TimeoutError:
                         if await request.is_disconnected():
                             return JSONResponse({}, 499)
                         continue
-                    if event[0] == "error":
-                        raise ApiError(500, event[2], type="server_error", code="generation_failed")
-                    if event[0] == "delta":
-                        texts[event[1]] += event[2]
-                    else:
-                        finish[event[1]], counts[event[1]] = event[2], event[3]
-                        pending -= 1
+                    for event in batch:
+                        if event[0] == "error":
+                            raise ApiError(500, event[2], type="server_error", code="generation_failed")
+                        if event[0] == "delta":
+                            texts[event[1]] += event[2]
+                        else:
+                            finish[event[1]], counts[event[1]] = event[2], event[3]
+                            pending -= 1
             finally:
                 for g in gens:
                     g.cancel()  # a no-op for requests that ended; frees the slots of an abandoned one
@@ -443,16 +451,21 @@ def create_app(engine, model_id: str, chat=None, api_key: str | None = None, max
                         yield sse([choice(i, None, role=True)])
                 pending, completion = total, 0
                 while pending:
-                    event = await events.get()
-                    if event[0] == "error":
-                        yield f"data: {json.dumps(error_body(event[2], 'server_error'))}\n\n"
-                        return
-                    if event[0] == "delta":
-                        yield sse([choice(event[1], event[2])])
-                    else:
-                        pending -= 1
-                        completion += event[3]
-                        yield sse([choice(event[1], None, event[2])])
+                    batches = [await events.get()]
+                    while not events.empty():  # the client fell behind: send what waits in one write
+                        batches.append(events.get_nowait())
+                    out = []
+                    for event in (e for batch in batches for e in batch):
+                        if event[0] == "error":
+                            yield "".join(out) + f"data: {json.dumps(error_body(event[2], 'server_error'))}\n\n"
+                            return
+                        if event[0] == "delta":
+                            out.append(sse([choice(event[1], event[2])]))
+                        else:
+                            pending -= 1
+                            completion += event[3]
+                            out.append(sse([choice(event[1], None, event[2])]))
+                    yield "".join(out)
                 if include_usage:
                     yield sse([], usage=usage(completion))
                 yield "data: [DONE]\n\n"

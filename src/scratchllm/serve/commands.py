@@ -15,7 +15,9 @@ What it does not do: batch or speak HTTP itself (scheduler.py, app.py).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from scratchllm.common import ScratchError, select_device, select_precision, torch_dtype
@@ -47,7 +49,7 @@ def check_args(args) -> None:
 def serve(args) -> int:
     check_args(args)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (checked here, used by serve_forever)
 
         from scratchllm.serve.app import create_app
     except ImportError as e:
@@ -66,7 +68,8 @@ def serve(args) -> int:
     engine = Engine(loaded.model.to(torch_dtype(precision)), loaded.tokenizer)
     name = args.name or model_name(args.model)
     app = create_app(engine, name, chat=chat, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+                     max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                     scheduler_thread=False)
     if args.host not in LOOPBACK and api_key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach port {args.port} can "
               "use the model (pass --api-key or set SCRATCHLLM_API_KEY)", file=sys.stderr)
@@ -74,5 +77,37 @@ def serve(args) -> int:
     print(f"serving {name} ({device}, {precision}, context {engine.config.block_size}, "
           f"chat format {chat.name if chat else 'none'}) at http://{host}:{args.port}/v1 — chat page "
           f"http://{host}:{args.port}/{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve_forever(app, args.host, args.port, args.log_level)
     return 0
+
+
+def serve_forever(app, host: str, port: int, log_level: str) -> None:
+    """uvicorn in a background thread, the scheduler in this (the main) thread, until Ctrl-C or SIGTERM.
+    The model runs in the main thread because bf16 matmuls measured 1.5x slower from any other thread
+    on this project's CPUs (docs/serve.md); fp32 ran equally fast in both. Sets the interpreter's
+    switch interval to 0.1 ms for the process (see below)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    web = threading.Thread(target=server.run, name="scratchllm-http", daemon=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    # every torch op of a decode step gives up the GIL and takes it back; with Python's default switch
+    # interval (5 ms) the HTTP thread could keep it that long each time. 0.1 ms: 8 clients measured
+    # 1.2x the tokens/s of the default (docs/benchmarks.md)
+    sys.setswitchinterval(1e-4)
+    web.start()
+    try:
+        app.state.server.scheduler.run(keep_going=web.is_alive)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
+        web.join(timeout=10)
+    if not server.started:
+        raise ScratchError(f"could not serve on {host}:{port} (uvicorn's error is above: is the port in use?)")
