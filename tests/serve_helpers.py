@@ -100,7 +100,7 @@ class SlowRunner:
         return self.model(*args, **kwargs)
 
 
-def chaotic_chat_model(tokenizer, folder: Path, seed: int = 3) -> Path:
+def chaotic_chat_model(tokenizer, folder: Path, seed: int = 3, block_size: int = 128) -> Path:
     """A tiny random GPT with ChatML whose 2-D weights are scaled x20: its greedy output is varied (no
     near-ties, no one token repeated forever, as a plain random init gives), and fully determined."""
     import torch
@@ -110,7 +110,7 @@ def chaotic_chat_model(tokenizer, folder: Path, seed: int = 3) -> Path:
     from scratchllm.weights.folder import save_model
 
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(block_size=128, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(ModelConfig(block_size=block_size, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

@@ -177,16 +177,21 @@ def test_unknown_fields_are_ignored(client):
     assert r.usage.completion_tokens <= 3
 
 
-def test_eval_judge_runs_against_the_server(live, tmp_path):
+def test_eval_judge_runs_against_the_server(tiny_chat_tokenizer, tmp_path):
     """docs/serve.md points `scratchllm eval judge` at this server: every prompt gets a reply (a tiny random
-    model's replies hold no score, so they are counted as unreadable, not as failures)."""
+    model's replies hold no score, so they are counted as unreadable, not as failures). The book's judge
+    prompt is ~280 tokens: this model has a context of 512."""
     from scratchllm.cli import main
+    from scratchllm.serve.app import create_app
 
+    loaded = open_model(chaotic_chat_model(tiny_chat_tokenizer, tmp_path / "judge", block_size=512))
     records = [{"instruction": f"Say {w}.", "input": "", "output": w, "response": w} for w in ("yes", "no", "maybe")]
     path = tmp_path / "responses.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(["eval", "judge", str(path), "--judge-url", live, "--judge-model", "tiny-chat", "--api-key", KEY,
-                 "--workers", "3", "--retries", "0"]) == 0
+    app = create_app(Engine(loaded.model, loaded.tokenizer), "judge", chat=loaded.chat, api_key=KEY)
+    with thread_server(app) as base:
+        assert main(["eval", "judge", str(path), "--judge-url", base, "--judge-model", "judge", "--api-key", KEY,
+                     "--workers", "3", "--retries", "0"]) == 0
     cache = [json.loads(line) for line in (tmp_path / "responses.judge-cache.jsonl").read_text().splitlines()]
     assert len(cache) == 3
 
