@@ -53,6 +53,20 @@ def replace_tokenizer(model, own, spec: str, model_path: str):
     return tokenizer
 
 
+def open_for_inference(spec: str, device_name: str, precision_name: str, need: str):
+    """(LoadedModel with its model cast to the precision, device, precision) of `--model spec`, for a
+    command that cannot work without the model's own tokenizer (`need` says what needs it)."""
+    from scratchllm.weights.checkpoint import open_model
+
+    device = select_device(device_name)
+    precision = select_precision(precision_name, device)
+    loaded = open_model(spec, device=device)
+    if loaded.tokenizer is None:
+        raise ScratchError(f"{spec} has no tokenizer/ folder: {need} needs the model's tokenizer")
+    loaded.model = loaded.model.to(torch_dtype(precision))
+    return loaded, device, precision
+
+
 def chat_prompt(args, loaded, tokenizer) -> tuple[list[int], list[int | str]]:
     """(prompt ids, stops) of `--chat MESSAGE`: the conversation [system?, user] rendered in the
     model's chat format (or --chat-format), ending with the assistant's turn opened; the stops are

@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TextIO
 
-from scratchllm.common import ScratchError, select_device, select_precision, torch_dtype
+from scratchllm.common import ScratchError
 from scratchllm.infer.detok import Detokenizer
 from scratchllm.infer.engine import text_deltas
 from scratchllm.tokenizer.chat import FORMATS, ChatFormat, pick_format, render, turn_stops
@@ -227,23 +227,19 @@ class ChatSession:
 
 
 def chat(args) -> int:
+    from scratchllm.infer.commands import open_for_inference
     from scratchllm.infer.engine import Engine
     from scratchllm.infer.sampling import SamplingParams
-    from scratchllm.weights.checkpoint import open_model
 
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty)
     SamplingParams(**sampling)  # check before loading the model
-    device = select_device(args.device)
-    precision = select_precision(args.precision, device)
-    loaded = open_model(args.model, device=device)
-    if loaded.tokenizer is None:
-        raise ScratchError(f"{args.model} has no tokenizer/ folder: a chat needs the model's tokenizer")
+    loaded, _, _ = open_for_inference(args.model, args.device, args.precision, "a chat")
     fmt = pick_format(args.chat_format, loaded.chat)
     if fmt is None:
         raise ScratchError(f"{args.model} does not say which chat format it speaks (no chat.json, or a chat "
                            f"template we do not know): pass --chat-format ({', '.join(FORMATS)})")
-    engine = Engine(loaded.model.to(torch_dtype(precision)), loaded.tokenizer)
+    engine = Engine(loaded.model, loaded.tokenizer)
     session = ChatSession(engine, loaded.tokenizer, fmt, system=args.system,
                           max_new_tokens=args.max_new_tokens, sampling={**sampling, "seed": args.seed},
                           verbose=args.verbose)

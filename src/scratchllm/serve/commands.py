@@ -20,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from scratchllm.common import ScratchError, select_device, select_precision, torch_dtype
+from scratchllm.common import ScratchError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -54,18 +54,14 @@ def serve(args) -> int:
         from scratchllm.serve.app import create_app
     except ImportError as e:
         raise ScratchError(f"serving needs FastAPI and uvicorn ({e}): pip install 'scratchllm[serve]'") from None
+    from scratchllm.infer.commands import open_for_inference
     from scratchllm.infer.engine import Engine
     from scratchllm.tokenizer.chat import pick_format
-    from scratchllm.weights.checkpoint import open_model
 
     api_key = args.api_key or os.environ.get("SCRATCHLLM_API_KEY") or None
-    device = select_device(args.device)
-    precision = select_precision(args.precision, device)
-    loaded = open_model(args.model, device=device)
-    if loaded.tokenizer is None:
-        raise ScratchError(f"{args.model} has no tokenizer/ folder: serving needs the model's tokenizer")
+    loaded, device, precision = open_for_inference(args.model, args.device, args.precision, "serving")
     chat = pick_format(args.chat_format, loaded.chat)
-    engine = Engine(loaded.model.to(torch_dtype(precision)), loaded.tokenizer)
+    engine = Engine(loaded.model, loaded.tokenizer)
     name = args.name or model_name(args.model)
     app = create_app(engine, name, chat=chat, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
