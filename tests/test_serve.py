@@ -423,6 +423,10 @@ def test_scheduler_failure_answers_500_and_keeps_serving(world):
         assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
         r = httpx.post(base + "/v1/completions", json={"prompt": "Once", "max_tokens": 1})
         assert r.status_code == 200  # one token needs no decode step: the server still works
+        engine.runner.hidden_states = engine.runner.__call__  # now the prefill fails too
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "stream": True}, timeout=10)
+        assert r.status_code == 200 and '"error"' in r.text and "boom" in r.text  # told, not left waiting
+        assert get_json(base + "/health")["running"] == 0
 
 
 # --------------------------------------------------------------------------------------------- the CLI

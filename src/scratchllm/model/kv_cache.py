@@ -140,8 +140,9 @@ class SlotKVCache:
     at decode; docs/serve.md).
 
         cache = SlotKVCache(model.config, slots=8, max_len=1024)
-        cache.select(0, 1); model(prompt[None], kv_cache=cache); cache.set_length(0, len(prompt))
-        cache.select(0, n); logits = model(next_ids[:, None], kv_cache=cache)   # (n, 1, V), lens += 1
+        cache.select(0, 2); model(prompts, kv_cache=cache)     # 2 prompts (2, T), right-padded
+        cache.set_length(0, 5); cache.set_length(1, 9)         # their real lengths
+        cache.select(0, 2); logits = model(next_ids[:, None], kv_cache=cache)   # (2, 1, V), lens += 1
     """
 
     min_pad = 0  # positions are per row; the model reads pos - min_pad as the largest position fed

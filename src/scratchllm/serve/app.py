@@ -374,7 +374,10 @@ def create_app(engine, model_id: str, chat=None, api_key: str | None = None, max
         for i, ids in enumerate(prompts):
             def sink(batch, offset=i * n):  # choice j of prompt i is choice i * n + j of the response
                 batch = [(kind_, None if index is None else offset + index, *rest) for kind_, index, *rest in batch]
-                loop.call_soon_threadsafe(events.put_nowait, batch)
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, batch)
+                except RuntimeError:  # the event loop is closed (the server stopped): nobody is listening
+                    pass
             gens.append(GenRequest(ids, max_tokens[i], params, sink, n=n, seed=seed, stop_ids=stop_ids,
                                    stop_strings=stops))
         if not server.scheduler.alive:

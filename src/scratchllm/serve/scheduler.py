@@ -1,33 +1,34 @@
-"""The scheduler: continuous batching of many requests over one model, in one background thread.
+"""The scheduler: continuous batching of many requests over one model, in one loop.
 
 What it does: `Scheduler(engine, max_batch, max_queue)` owns the model. `submit(request)` puts a
-Request in a bounded waiting queue (QueueFull when it is full). The thread loops: it admits waiting
-requests while slots are free (prefilling each prompt into its own rows of a SlotKVCache, once for all
-n choices of a request), then runs one decode step for every live sequence together, samples each
-sequence's next token with its own parameters and generator, and retires the sequences that ended
-(stop token, stop string, max_tokens) or whose client went away (`request.cancel()`), moving the last
-live row into the freed one so the live rows stay packed at the front. A sequence's text goes through
-its own Detokenizer, so deltas never split a UTF-8 character and never show any part of a stop string.
-Events reach the request's `sink` (called from the scheduler thread, once per step with the list of
+Request in a bounded waiting queue (QueueFull when it is full). The loop (`run()` in the calling
+thread, or `start()` for a background one) admits waiting requests while slots are free and prefills
+their prompts together into fresh rows of a SlotKVCache (right-padded; a prompt once for all n choices
+of its request), then runs one decode step for every live sequence together, samples each sequence's
+next token with its own parameters and generator, and retires the sequences that ended (stop token,
+stop string, max_tokens) or whose client went away (`request.cancel()`), moving the last live row
+into the freed one so the live rows stay packed at the front. A sequence's text goes through its own
+Detokenizer, so deltas never split a UTF-8 character and never show any part of a stop string.
+Events reach the request's `sink` (called from the loop's thread, once per step with the list of
 that step's events): ("delta", index, text) and ("done", index, finish_reason, completion_tokens),
 or ("error", None, message).
 What it does not do: speak HTTP or JSON (see app.py), or load models.
 
     sched = Scheduler(Engine(model, tokenizer), max_batch=16, max_queue=64)
     sched.start()
-    sched.submit(Request(prompt_ids, max_tokens=50, params=SamplingParams(0.0), sink=print))   # [('delta', 0, 'Once'), ...]
+    sched.submit(Request(prompt_ids, max_tokens=50, params=SamplingParams(0.0), sink=print))
+    # prints [('delta', 0, 'Once')], [('delta', 0, ' upon')], ..., [('done', 0, 'length', 50)]
 
 Greedy output does not depend on the company a sequence keeps: each row is masked to its own columns,
-so batching changes only the matrix shapes of a step (see tests/test_serve.py for the check).
+so batching changes only the matrix shapes of a step (tests/test_serve.py checks 32 streams).
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -52,7 +53,6 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         """The client went away: free its slots at the next step (safe from any thread)."""
@@ -88,6 +88,7 @@ class Scheduler:
         self._running = False
         self._started = threading.Event()
         self._events: dict[int, tuple[Request, list]] = {}  # this step's events, by request
+        self._admitting: list[Request] = []  # taken from the queue, being prefilled
         self.steps = 0  # decode steps run (each serves every live sequence)
         self.peak_batch = 0  # the most sequences decoded in one step
 
@@ -109,9 +110,10 @@ class Scheduler:
         finally:  # normal end, Ctrl-C or a crash: no request may wait forever
             self._running = False
             with self._cond:
-                left = [*self.waiting, *{id(s.request): s.request for s in self.live}.values()]
+                left = [*self.waiting, *self._in_flight()]
                 self.waiting.clear()
                 self.live.clear()
+                self._admitting = []
             for request in left:
                 request.sink([("error", None, "the server is shutting down")])
 
@@ -149,20 +151,26 @@ class Scheduler:
                         self._cond.wait(timeout=0.5)
                     if self._stopping or not keep_going():
                         break
-                    admitted = self._take_admissible()
+                    self._admitting = self._take_admissible()
                 try:
-                    for batch in self._prefill_batches(admitted):
+                    for batch in self._prefill_batches(self._admitting):
                         self._prefill(batch)
+                    self._admitting = []
                     self._retire()
                     if self.live:
                         self._decode_step()
                         self._retire()
                 except Exception as e:  # a bug or out of memory: fail the requests, keep serving
                     message = f"generation failed: {type(e).__name__}: {e}"
-                    for request in {id(s.request): s.request for s in self.live}.values():
+                    for request in self._in_flight():
                         request.sink([("error", None, message)])
                     self.live.clear()
+                    self._admitting = []
                     self._events.clear()
+
+    def _in_flight(self) -> list[Request]:
+        """The requests taken from the queue and not yet ended (each once)."""
+        return list({id(r): r for r in [*self._admitting, *(s.request for s in self.live)]}.values())
 
     def _take_admissible(self) -> list[Request]:
         """Pop waiting requests (oldest first) while their choices fit in the free slots."""
