@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,13 +31,20 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
         return json.loads(r.read())
 
 
-def wait_healthy(base: str, proc: subprocess.Popen | None = None, timeout: float = 90.0) -> dict:
+def wait_healthy(base: str, proc: subprocess.Popen | None = None, timeout: float = 90.0,
+                 healthy: bool = True) -> None:
+    """Wait until /health answers 200 (healthy=False: answers at all, 503 included)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server exited with code {proc.returncode}:\n{proc.stderr.read()}")
         try:
-            return get_json(base + "/health", timeout=2)
+            get_json(base + "/health", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            if not healthy:
+                return
+            time.sleep(0.2)
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"{base}/health did not answer within {timeout} s")
@@ -64,7 +72,7 @@ def cli_server(model: Path, *args: str, env: dict | None = None):
 
 
 @contextlib.contextmanager
-def thread_server(app):
+def thread_server(app, healthy: bool = True):
     """Run a FastAPI app with uvicorn in a background thread; yields http://127.0.0.1:PORT."""
     import uvicorn
 
@@ -76,7 +84,7 @@ def thread_server(app):
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, timeout=30)
+        wait_healthy(base, timeout=30, healthy=healthy)
         yield base
     finally:
         server.should_exit = True

@@ -429,6 +429,16 @@ def test_scheduler_failure_answers_500_and_keeps_serving(world):
         assert get_json(base + "/health")["running"] == 0
 
 
+def test_no_scheduler_running_is_503(world):
+    from scratchllm.serve.app import create_app
+
+    app = create_app(world.engine, "tiny-chat", chat=CHATML, scheduler_thread=False)  # nobody runs it
+    with thread_server(app, healthy=False) as base:
+        assert httpx.get(base + "/health").status_code == 503
+        r = httpx.post(base + "/v1/completions", json={"prompt": "Once"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+
 # --------------------------------------------------------------------------------------------- the CLI
 def test_cli_flags_reach_the_app(world, monkeypatch, capsys):
     import scratchllm.serve.commands as commands
