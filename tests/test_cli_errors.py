@@ -333,6 +333,14 @@ CASES = {
         ("max tokens limit 0", "serve --model {w}/run --max-tokens-limit 0", "--max-tokens-limit must be >= 1"),
         ("unknown chat format", "serve --model {w}/run --chat-format vicuna", "'vicuna'"),
     ],
+    ("lab", "list"): [
+        ("an extra argument", "lab list extra", "unrecognized arguments: extra"),
+    ],
+    ("lab", "run"): [
+        ("unknown experiment", "lab run nope --quick", "the experiments are: norm-position"),
+        ("out is a file", "lab run weight-tying --quick --out {w}/file.txt", "file.txt is a file"),
+        ("out holds other files", "lab run weight-tying --quick --out {w}/emptydir/..", "not a lab result"),
+    ],
     ("demo",): [
         ("out is a file", "demo --out {w}/file.txt --max-steps 1", "file.txt"),
         ("vocab too small", "demo --out {w}/d --vocab-size 10 --max-steps 1", "--vocab-size 10"),

@@ -265,3 +265,23 @@ def test_public_names():
     from scratchllm.infer.engine import Engine
 
     assert scratchllm.Engine is Engine and isinstance(Engine, type)
+
+
+def test_relu_mlp_and_post_norm_blocks_compute_what_they_say():
+    """The lab's switches (lab/): a ReLU MLP, and post-norm blocks norm(x + f(x)), checked by hand on one block."""
+    from scratchllm.model.gpt import Block
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, mlp="relu", norm_position="post")
+    block = Block(cfg, 0).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        h = block.ln_1(x + block.attn(x))
+        mlp = block.mlp.c_proj(F.relu(block.mlp.c_fc(h)))
+        assert torch.allclose(block(x), block.ln_2(h + mlp), atol=1e-6)
+        pre = Block(ModelConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16), 0).eval()
+        h = x + pre.attn(pre.ln_1(x))
+        assert torch.allclose(pre(x), h + pre.mlp(pre.ln_2(h)), atol=1e-6)
+    assert not cfg.is_gpt2 and ModelConfig(mlp="relu").hidden_dim == 4 * 768
+    with pytest.raises(ScratchError, match="norm_position"):
+        ModelConfig(norm_position="middle")

@@ -741,6 +741,32 @@ def add_serve(sub) -> None:
     p.set_defaults(func=_serve)
 
 
+# --------------------------------------------------------------------------------------------- lab
+def _lab_list(args):
+    from scratchllm.lab.commands import lab_list
+
+    return lab_list(args)
+
+
+def _lab_run(args):
+    from scratchllm.lab.commands import lab_run
+
+    return lab_run(args)
+
+
+def add_lab(sub) -> None:
+    p = sub.add_parser("lab", help="the book's design claims, each measured by an experiment (table, plot, verdict)")
+    lsub = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    lst = lsub.add_parser("list", help="the experiments and the claim each one checks")
+    lst.set_defaults(func=_lab_list)
+    r = lsub.add_parser("run", help="run one experiment: result.json, result.md and result.png in --out")
+    r.add_argument("name", help="the experiment (see `scratchllm lab list`)")
+    r.add_argument("--quick", action="store_true", help="small sizes and few steps: under a minute on 2 cores")
+    r.add_argument("--out", help="folder for the results (default: lab/NAME)")
+    r.add_argument("--overwrite", action="store_true", help="replace an --out that holds other results")
+    r.set_defaults(func=_lab_run)
+
+
 # --------------------------------------------------------------------------------------------- demo
 def _demo(args):
     from scratchllm.demo import run
@@ -759,7 +785,7 @@ def add_demo(sub) -> None:
 # Each entry registers one subcommand (group). Keep them in pipeline order.
 COMMANDS = [add_tokenizer, add_data, add_model, add_download, add_export, add_pretrain, add_classify, add_sft,
             add_reward, add_dpo, add_ppo, add_merge, add_generate, add_chat, add_serve, add_eval,
-            add_demo]
+            add_lab, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,8 @@ class ModelConfig:
     tie_embeddings: bool = True  # lm_head.weight is the same tensor as wte.weight (GPT-2: True)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     positions: str = "learned"  # "learned" absolute embeddings (GPT-2) or "rope" rotary (Llama)
-    mlp: str = "gelu"  # "gelu" 4x MLP (GPT-2, tanh-approximate GELU) or "swiglu" gated MLP (Llama)
+    mlp: str = "gelu"  # "gelu" 4x MLP (GPT-2, tanh-approximate GELU), "relu" 4x MLP, or "swiglu" gated MLP (Llama)
+    norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2, Llama); "post": norm(x + f(x)) (the 2017 Transformer)
     n_kv_head: int | None = None  # key/value heads (grouped-query attention); None = n_head
     attention: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "naive" (explicit softmax)
     mlp_hidden: int | None = None  # MLP hidden width; None = 4*n_embd (gelu) or ~8/3*n_embd (swiglu)
@@ -46,7 +47,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ScratchError(f"model config: {name} must be a positive integer, got {value!r}")
-        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"), "mlp": ("gelu", "swiglu"),
+        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"), "mlp": ("gelu", "relu", "swiglu"),
+                   "norm_position": ("pre", "post"),
                    "attention": ("naive", "sdpa"), "init": ("gpt2", "torch")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -78,18 +80,18 @@ class ModelConfig:
 
     @property
     def hidden_dim(self) -> int:
-        """MLP hidden width: 4*n_embd for GELU; 2/3 of that rounded up to a multiple of 64 for SwiGLU
+        """MLP hidden width: 4*n_embd for GELU and ReLU; 2/3 of that rounded up to a multiple of 64 for SwiGLU
         (so the gated MLP has about the same parameters as the 4x one)."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu"):
             return 4 * self.n_embd
         return -(-(8 * self.n_embd // 3) // 64) * 64
 
     @property
     def is_gpt2(self) -> bool:
         """True when the architecture is plain GPT-2 (exportable to transformers' GPT2LMHeadModel)."""
-        return (self.norm, self.positions, self.mlp) == ("layernorm", "learned", "gelu") and \
+        return (self.norm, self.positions, self.mlp, self.norm_position) == ("layernorm", "learned", "gelu", "pre") and \
             self.kv_heads == self.n_head and self.mlp_hidden in (None, 4 * self.n_embd) and \
             (self.bias or not self.qkv_bias)
 

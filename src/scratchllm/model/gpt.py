@@ -2,7 +2,7 @@
 
 What it does: the math of GPT-2 (LayerNorm, learned positions, 4x GELU MLP, multi-head causal
 attention) with switches for the Llama-style variant (RMSNorm, rotary positions, SwiGLU, grouped-query
-attention). Attention has two implementations picked by `config.attention`: "naive" (the explicit
+attention) and for the lab's comparisons (a ReLU MLP, post-norm blocks: lab/). Attention has two implementations picked by `config.attention`: "naive" (the explicit
 QK^T / mask / softmax of the book's chapter 3) and "sdpa" (`F.scaled_dot_product_attention`, which uses
 flash kernels on GPUs); they agree to 1e-5 in fp32. Parameter names are GPT-2's (`transformer.wte`,
 `transformer.h.0.attn.c_attn`, ...), stored as nn.Linear weights (out, in).
@@ -118,7 +118,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.swiglu, self.relu = config.mlp == "swiglu", config.mlp == "relu"
         hidden = config.hidden_dim
         # SwiGLU fuses its gate and up projections into one c_fc with 2 * hidden outputs
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
@@ -130,13 +130,16 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
             h = F.silu(gate) * up
+        elif self.relu:
+            h = F.relu(h)
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). With norm_position="post"
+    (the 2017 Transformer's order): norm(x + attn(x)), then norm(x + mlp(x))."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -144,8 +147,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.post = config.norm_position == "post"
 
     def forward(self, x, rope=None, kv_cache=None, mask=None):
+        if self.post:
+            x = self.ln_1(x + self.attn(x, rope, kv_cache, mask))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), rope, kv_cache, mask)
         return x + self.mlp(self.ln_2(x))
 

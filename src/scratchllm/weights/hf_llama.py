@@ -136,7 +136,7 @@ def llama_problems(cfg: ModelConfig) -> list[str]:
     >>> llama_problems(ModelConfig(norm="rmsnorm", positions="learned", mlp="swiglu"))
     ["positions='learned' (needs 'rope')"]
     """
-    want = {"norm": "rmsnorm", "positions": "rope", "mlp": "swiglu"}
+    want = {"norm": "rmsnorm", "positions": "rope", "mlp": "swiglu", "norm_position": "pre"}
     return [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
 
 
