@@ -18,7 +18,8 @@ from scratchllm.lab.core import VERDICTS, Result, markdown_table, write
 from scratchllm.lab.grad_clip import spikes
 
 NAMES = ["norm-position", "mlp-activation", "weight-tying", "grad-clip", "lr-schedule", "tokenization", "attention",
-         "kv-cache", "compile-bf16"]
+         "kv-cache", "compile-bf16", "lora", "prompt-masking", "freezing"]
+NEED_DATA = {"lora", "prompt-masking", "freezing"}  # data:sms-spam / data:instruction-data, via ../shared
 
 
 def test_list_names_every_experiment_in_the_books_order(capsys):
@@ -29,7 +30,9 @@ def test_list_names_every_experiment_in_the_books_order(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_every_experiment_runs_quick_and_writes_its_results(name, tmp_path, capsys):
+def test_every_experiment_runs_quick_and_writes_its_results(name, tmp_path, capsys, monkeypatch, request):
+    if name in NEED_DATA:
+        monkeypatch.setenv("SCRATCHLLM_MIRROR", str(request.getfixturevalue("shared_data")))
     out = tmp_path / name
     assert main(["lab", "run", name, "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -8,7 +8,7 @@ and writes result.json, result.md and result.png. Each experiment is one module 
 from importlib import import_module
 
 MODULES = ["norm_position", "mlp_activation", "weight_tying", "grad_clip", "lr_schedule", "tokenization", "attention", "kv_cache",
-           "compile_bf16"]
+           "compile_bf16", "lora", "prompt_masking", "freezing"]
 
 
 def experiments() -> dict:

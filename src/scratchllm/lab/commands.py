@@ -13,12 +13,13 @@ What it does not do: the experiments (one module each, see __init__.py).
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from scratchllm.common import ScratchError, read_json
+from scratchllm.common import ScratchError, atomic_write_text, read_json
 from scratchllm.lab import experiments
 from scratchllm.lab.core import MARKER, machine, markdown_table, write
 
@@ -52,6 +53,8 @@ def lab_run(args) -> int:
     mod = exps[args.name]
     out = Path(args.out or Path("lab") / args.name)
     check_out(out, args.name, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)  # marked at once: a run that fails halfway can be rerun into it
+    atomic_write_text(out / MARKER, json.dumps({"name": args.name, "status": "running"}) + "\n")
     print(f"claim: {mod.CLAIM}\nrunning {args.name}{' (quick)' if args.quick else ''} -> {out}", flush=True)
     t0 = time.perf_counter()
     result = mod.run(args.quick, out)

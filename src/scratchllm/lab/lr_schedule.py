@@ -26,7 +26,10 @@ def run(quick: bool, out: Path) -> Result:
     gain = rows[1]["val loss"] - rows[0]["val loss"]
     verdict = "holds" if gain > 0.01 else "does not hold here"
     why = (f"After {steps} steps at peak lr 3e-3, cosine with warmup ends {gain:+.3f} nats/byte below the constant "
-           "rate: the decay lets the last steps settle into the minimum the constant rate keeps jumping around.")
+           "rate. " + ("The decay lets the last steps settle where the constant rate keeps jumping around."
+                       if verdict == "holds" else
+                       "Here the constant rate wins: in so few steps, cosine's warmup and low-rate tail are steps "
+                       "taken at less than the peak rate."))
 
     def plot(fig):
         ax = fig.add_subplot(1, 1, 1)
