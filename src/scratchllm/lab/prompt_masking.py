@@ -41,8 +41,27 @@ def cli(*argv) -> str:
     return buf.getvalue()
 
 
+def quick_backbone(out: Path) -> str:
+    """--quick: a random 2-block GPT with a ChatML BPE of 400 ids trained on the first records (the same
+    commands in seconds; its numbers mean nothing)."""
+    import torch
+
+    from scratchllm.data.instructions import read_conversations
+    from scratchllm.model import GPT, ModelConfig
+    from scratchllm.tokenizer import train_bpe
+    from scratchllm.tokenizer.chat import FORMATS
+    from scratchllm.weights.folder import save_model
+
+    convs = read_conversations("data:instruction-data")[:200]
+    text = "\n".join(m["content"] for c in convs for m in c.messages)
+    tok = train_bpe([text], vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32))
+    return str(save_model(model, tok, out / "quick-backbone", chat=FORMATS["chatml"], overwrite=True))
+
+
 @contextlib.contextmanager
-def judge_server():
+def judge_server(model: str):
     """`scratchllm serve`'s app over the untuned model, in a thread; yields its URL."""
     import uvicorn
 
@@ -50,8 +69,8 @@ def judge_server():
     from scratchllm.serve.app import create_app
     from scratchllm.weights.checkpoint import open_model
 
-    loaded = open_model(MODEL)
-    app = create_app(Engine(loaded.model, loaded.tokenizer), MODEL, chat=loaded.chat)
+    loaded = open_model(model)
+    app = create_app(Engine(loaded.model, loaded.tokenizer), "judge", chat=loaded.chat)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -73,14 +92,15 @@ def judge_server():
 
 
 def run(quick: bool, out: Path) -> Result:
-    steps, answers, tokens = (4, 4, 24) if quick else (150, 30, 96)
+    steps, answers, tokens = (4, 4, 24) if quick else (100, 20, 64)
+    model = quick_backbone(out) if quick else MODEL
     rows = {}
     for masked in (True, False):
         name = "masked" if masked else "unmasked"
         run_dir = out / "runs" / name
-        cli("sft", "--model", MODEL, "--data", "data:instruction-data", "--out", run_dir, "--overwrite",
+        cli("sft", "--model", model, "--data", "data:instruction-data", "--out", run_dir, "--overwrite",
             "--lora-rank", 16, "--lr", 2e-4, "--max-steps", steps, "--batch-size", 4, "--max-length", 256,
-            "--eval-every", steps, "--samples", 0, "--checkpoint-every", steps, "--no-compile", "--seed", 0,
+            "--eval-every", 0, "--samples", 0, "--checkpoint-every", steps, "--no-compile", "--seed", 0,
             "--mask-prompt" if masked else "--no-mask-prompt")
         test = run_dir / "test.jsonl"  # the run's held-out split (the same records for both runs: same seed)
         if quick:  # the first records only
@@ -91,10 +111,10 @@ def run(quick: bool, out: Path) -> Result:
             "--limit", answers, "--max-new-tokens", tokens, "--show", 0)
         rows[name] = {"loss on": "answers" if masked else "every token", "held-out answer loss": loss["loss"],
                       "answer perplexity": loss["ppl"]}
-    with judge_server() as url:
+    with judge_server(model) as url:
         for name in rows:
             run_dir = out / "runs" / name
-            cli("eval", "judge", run_dir / "responses.jsonl", "--judge-url", url, "--judge-model", MODEL,
+            cli("eval", "judge", run_dir / "responses.jsonl", "--judge-url", url, "--judge-model", "judge",
                 "--workers", 4, "--retries", 0)
             scores = [json.loads(line).get("score") for line in
                       (run_dir / "responses.scores.jsonl").read_text().splitlines()]
@@ -118,7 +138,7 @@ def run(quick: bool, out: Path) -> Result:
         ax2.bar(list(rows), [r["judge mean (0-100)"] for r in rows.values()])
         ax2.set_ylabel("judge mean score (0-100)")
 
-    return Result(NAME, CLAIM, {"model": MODEL, "data": "data:instruction-data (the book's 1100, split 85/5/10)",
+    return Result(NAME, CLAIM, {"model": "a random 2x32 GPT (quick: the numbers mean nothing)" if quick else MODEL, "data": "data:instruction-data (the book's 1100, split 85/5/10)",
                                 "LoRA": "rank 16, lr 2e-4", "steps": steps, "batch": 4, "judged answers": answers,
-                                "max new tokens": tokens, "judge": f"{MODEL} (untuned) via scratchllm serve"},
+                                "max new tokens": tokens, "judge": f"{model} (untuned) via scratchllm serve"},
                   table, verdict, why, plot)
