@@ -126,7 +126,7 @@ def run(quick: bool, out: Path) -> Result:
     verdict = "holds" if lower else "does not hold here"
     why = (f"Held-out answer loss: masked {m['held-out answer loss']:.3f} vs unmasked {u['held-out answer loss']:.3f} "
            f"({steps} LoRA steps each). Judge mean {m['judge mean (0-100)']:.1f} vs {u['judge mean (0-100)']:.1f} from "
-           f"{m['scored']} and {u['scored']} readable replies: a 135M judge mostly answers the instruction instead "
+           f"{m['scored']} and {u['scored']} readable replies: a judge this small mostly answers the instruction instead "
            "of scoring it (docs/sft.md), so the verdict rests on the loss; point `eval judge` at a bigger model for "
            "the score.")
     table = [{"run": k, **v} for k, v in rows.items()]
