@@ -122,7 +122,7 @@ def run(quick: bool, out: Path) -> Result:
             rows[name]["judge mean (0-100)"] = sum(valid) / len(valid) if valid else float("nan")
             rows[name]["scored"] = f"{len(valid)}/{len(scores)}"
     m, u = rows["masked"], rows["unmasked"]
-    lower = m["held-out answer loss"] < u["held-out answer loss"]
+    lower = m["held-out answer loss"] < u["held-out answer loss"] - 0.01
     verdict = "holds" if lower else "does not hold here"
     why = (f"Held-out answer loss: masked {m['held-out answer loss']:.3f} vs unmasked {u['held-out answer loss']:.3f} "
            f"({steps} LoRA steps each). Judge mean {m['judge mean (0-100)']:.1f} vs {u['judge mean (0-100)']:.1f} from "
