@@ -122,6 +122,14 @@ def corpus_bytes(n: int = 1_500_000) -> np.ndarray:
     return _TEXT[:n]
 
 
+def unigram_entropy(n: int = 1_500_000) -> float:
+    """Nats per byte of the corpus's byte frequencies: the loss of a model that learned those and nothing
+    else, the line a run must get below to have learned anything about context."""
+    counts = np.bincount(corpus_bytes(n), minlength=256).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 @dataclass
 class RunResult:
     losses: list[float]  # training loss per step
