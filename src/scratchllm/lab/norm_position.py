@@ -45,7 +45,7 @@ def run(quick: bool, out: Path) -> Result:
            ("Post-norm puts a norm on the residual path itself, so early updates reach every layer at full "
             "size; the warmup is what keeps them small." if verdict == "holds" else
             f"Post-norm does not train at this rate even with {w} warmup steps (best {min(loss(deep, 'post', 0), loss(deep, 'post', w)):.3f}), "
-            "where pre-norm does without: it needs a longer warmup or a lower rate." if verdict == "depends" else
+            "where pre-norm does without (whether a longer warmup or a lower rate rescues it is not measured here)." if verdict == "depends" else
             "The difference does not show at this width, depth and rate."))
 
     def plot(fig):
