@@ -103,6 +103,19 @@ def write(result: Result, out: Path) -> None:
         plt.close(fig)
 
 
+def loss_curves(curves: dict, ylabel: str = "train loss (nats/byte)") -> Callable:
+    """A Result.plot drawing one line per {label: losses per step}."""
+    def plot(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        for label, losses in curves.items():
+            ax.plot(losses, label=str(label))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+
+    return plot
+
+
 def read(out: Path) -> dict:
     return read_json(out / MARKER)
 

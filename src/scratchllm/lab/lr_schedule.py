@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scratchllm.lab.core import Result, byte_config, train_lm
+from scratchllm.lab.core import Result, byte_config, loss_curves, train_lm
 
 NAME = "lr-schedule"
 CLAIM = "Cosine decay with warmup reaches a lower final validation loss than a constant learning rate."
@@ -31,13 +31,5 @@ def run(quick: bool, out: Path) -> Result:
                        "Here the constant rate wins: in so few steps, cosine's warmup and low-rate tail are steps "
                        "taken at less than the peak rate."))
 
-    def plot(fig):
-        ax = fig.add_subplot(1, 1, 1)
-        for name, losses in curves.items():
-            ax.plot(losses, label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("train loss (nats/byte)")
-        ax.legend()
-
     return Result(NAME, CLAIM, {"model": "byte GPT 2x64, block 64", "steps": steps, "peak lr": 3e-3, "seed": 0},
-                  rows, verdict, why, plot)
+                  rows, verdict, why, loss_curves(curves))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scratchllm.lab.core import Result, byte_config, train_lm
+from scratchllm.lab.core import Result, byte_config, loss_curves, train_lm
 
 NAME = "mlp-activation"
 CLAIM = "SwiGLU beats GELU, which beats ReLU, at equal parameters and training steps."
@@ -31,13 +31,5 @@ def run(quick: bool, out: Path) -> Result:
     why = (f"Validation loss after {steps} steps: " + ", ".join(f"{m} {loss[m]:.3f}" for m in order) +
            " (best first), one seed.")
 
-    def plot(fig):
-        ax = fig.add_subplot(1, 1, 1)
-        for name, losses in curves.items():
-            ax.plot(losses, label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("train loss (nats/byte)")
-        ax.legend()
-
     return Result(NAME, CLAIM, {"model": "byte GPT 2x64, block 64", "steps": steps, "seed": 0, "lr": 3e-3},
-                  rows, verdict, why, plot)
+                  rows, verdict, why, loss_curves(curves))

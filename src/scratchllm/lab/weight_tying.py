@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scratchllm.lab.core import Result, byte_config, replace, train_lm
+from scratchllm.lab.core import Result, byte_config, loss_curves, replace, train_lm
 from scratchllm.model import GPT, ModelConfig
 
 NAME = "weight-tying"
@@ -27,7 +27,7 @@ def run(quick: bool, out: Path) -> Result:
     saved_gpt2 = without.num_params() - with_tie.num_params()  # one block is enough: the difference is the head
     for tied in (True, False):
         r = train_lm(replace(base, tie_embeddings=tied), steps=steps, out=out / "runs" / f"tied-{tied}")
-        curves[tied] = r.losses
+        curves[f"tied={tied}"] = r.losses
         rows.append({"tied": tied, "parameters": r.params, "val loss": r.val_loss, "train seconds": r.seconds})
     saved = rows[1]["parameters"] - rows[0]["parameters"]
     assert saved == base.vocab_size * base.n_embd, saved
@@ -38,13 +38,5 @@ def run(quick: bool, out: Path) -> Result:
            f"of the untied byte model) and {saved_gpt2:,} in GPT-2 124M; the tied model's validation loss is "
            f"{gap:+.3f} nats/byte against the untied one after {steps} steps.")
 
-    def plot(fig):
-        ax = fig.add_subplot(1, 1, 1)
-        for tied, losses in curves.items():
-            ax.plot(losses, label=f"tied={tied}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("train loss (nats/byte)")
-        ax.legend()
-
     return Result(NAME, CLAIM, {"model": "byte GPT 2x64, block 64", "steps": steps, "batch": 16, "seed": 0,
-                                "lr": 3e-3, "gpt2 saved": saved_gpt2}, rows, verdict, why, plot)
+                                "lr": 3e-3, "gpt2 saved": saved_gpt2}, rows, verdict, why, loss_curves(curves))
