@@ -2,8 +2,8 @@
 
 What it does: an experiment (one module of lab/) has NAME, CLAIM and `run(quick, out) -> Result`.
 `Result` holds what was measured: the settings (sizes, seeds, steps), a table (rows of dicts), a
-verdict ("holds", "does not hold here" or "depends") with one sentence of why, and a `plot(ax)`
-that draws the picture. `write(result, out)` writes `result.json`, `result.md` (the claim, the
+verdict ("holds", "does not hold here" or "depends") with one sentence of why, and a `plot(fig)`
+that draws the picture on a matplotlib Figure (`loss_curves` makes the common one). `write(result, out)` writes `result.json`, `result.md` (the claim, the
 settings, the table, the verdict) and `result.png`. `train_lm(config, ...)` trains a GPT of the
 package on bytes of Python's own documentation (builtin:pydocs, always on the machine) with the
 shared Trainer and the pretraining objective, and returns its loss curve, gradient norms and final
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchllm.common import atomic_write_text, read_json
+from scratchllm.common import atomic_write_text
 from scratchllm.model import GPT, ModelConfig
 
 VERDICTS = ("holds", "does not hold here", "depends")
@@ -114,10 +114,6 @@ def loss_curves(curves: dict, ylabel: str = "train loss (nats/byte)") -> Callabl
         ax.legend()
 
     return plot
-
-
-def read(out: Path) -> dict:
-    return read_json(out / MARKER)
 
 
 # --------------------------------------------------------------------------------------------- a small LM run
