@@ -3,8 +3,9 @@
 What it does: an experiment (one module of lab/) has NAME, CLAIM and `run(quick, out) -> Result`.
 `Result` holds what was measured: the settings (sizes, seeds, steps), a table (rows of dicts), a
 verdict ("holds", "does not hold here" or "depends") with one sentence of why, and a `plot(fig)`
-that draws the picture on a matplotlib Figure (`loss_curves` makes the common one). `write(result, out)` writes `result.json`, `result.md` (the claim, the
-settings, the table, the verdict) and `result.png`. `train_lm(config, ...)` trains a GPT of the
+that draws the picture on a matplotlib Figure (`loss_curves` makes the common one).
+`write(result, out)` writes `result.json`, `result.md` (the claim, the settings, the table, the
+verdict) and `result.png`. `train_lm(config, ...)` trains a GPT of the
 package on bytes of Python's own documentation (builtin:pydocs, always on the machine) with the
 shared Trainer and the pretraining objective, and returns its loss curve, gradient norms and final
 validation loss: what the claims about architecture and optimisation compare.
