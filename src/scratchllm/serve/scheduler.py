@@ -68,6 +68,7 @@ class Sequence:
     generated: int = 0
     next_id: int = -1  # the token to feed at the next decode step
     finish: str | None = None  # "stop" or "length" once it ended
+    seen: torch.Tensor | None = None  # (V,) bool: prompt and sampled ids, for a repetition penalty
 
 
 class Scheduler:
@@ -226,9 +227,14 @@ class Scheduler:
             yield batch
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
+        eng = self.engine
         gen = None if request.params.greedy else make_generator(
-            None if request.seed is None else request.seed + index, self.engine.device)
-        return Sequence(request, index, Detokenizer(self.engine.tokenizer, request.stop_strings), gen)
+            None if request.seed is None else request.seed + index, eng.device)
+        seen = None
+        if request.params.repetition_penalty not in (None, 1):  # as Engine does: the prompt counts as seen
+            seen = torch.zeros(eng.config.vocab_size, dtype=torch.bool, device=eng.device)
+            seen[torch.tensor(request.prompt_ids, device=eng.device)] = True
+        return Sequence(request, index, Detokenizer(eng.tokenizer, request.stop_strings), gen, seen=seen)
 
     def _decode_step(self) -> None:
         n = len(self.live)
@@ -248,7 +254,12 @@ class Scheduler:
         greedy = logits.argmax(dim=-1).tolist()  # one pass for every greedy row
         for b, seq in enumerate(seqs):
             params = seq.request.params
-            t = greedy[b] if params.greedy else int(sample(logits[b:b + 1], params, seq.gen)[0])
+            if params.greedy and seq.seen is None:
+                t = greedy[b]
+            else:
+                t = int(sample(logits[b:b + 1], params, seq.gen, None if seq.seen is None else seq.seen[None])[0])
+            if seq.seen is not None:
+                seq.seen[t] = True
             self._emit(seq, t)
         self._flush()
 
