@@ -53,6 +53,15 @@ def replace_tokenizer(model, own, spec: str, model_path: str):
     return tokenizer
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt's ids, special-token texts (<|endoftext|>, ...) as their ids; an empty prompt starts from
+    <|endoftext|>, as GPT-2 does ([] when the tokenizer has none). ValueError for a text encode refuses."""
+    ids = tokenizer.encode(text, allowed_special="all")
+    if not ids and tokenizer.eot_token is not None:
+        ids = [tokenizer.eot_token]
+    return ids
+
+
 def open_for_inference(spec: str, device_name: str, precision_name: str, need: str):
     """(LoadedModel with its model cast to the precision, device, precision) of `--model spec`, for a
     command that cannot work without the model's own tokenizer (`need` says what needs it)."""
@@ -115,11 +124,9 @@ def generate(args) -> int:
     else:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         try:
-            prompt_ids = tokenizer.encode(prompt, allowed_special="all")
+            prompt_ids = encode_prompt(tokenizer, prompt)
         except ValueError as e:
             raise ScratchError(f"--prompt: {e}") from None
-        if not prompt_ids and tokenizer.eot_token is not None:
-            prompt_ids = [tokenizer.eot_token]  # an empty prompt: start from <|endoftext|>, as GPT-2 does
     stop_strings = [unescape(s) for s in args.stop or []] + text_stops
     tokens = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,

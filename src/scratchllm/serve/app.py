@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scratchllm.common import ScratchError
+from scratchllm.infer.commands import encode_prompt
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.serve.scheduler import QueueFull, Scheduler
 from scratchllm.serve.scheduler import Request as GenRequest
@@ -264,13 +265,11 @@ class Server:
         out = []
         for text in prompts:
             try:
-                ids = self.tokenizer.encode(text, allowed_special="all")
+                ids = encode_prompt(self.tokenizer, text)
             except ValueError as e:
                 raise ApiError(400, f"prompt: {e}", "prompt", "invalid_value") from None
             if not ids:
-                if self.tokenizer.eot_token is None:
-                    raise ApiError(400, "the prompt is empty", "prompt", "invalid_value")
-                ids = [self.tokenizer.eot_token]  # as GPT-2 does: start from <|endoftext|>
+                raise ApiError(400, "the prompt is empty", "prompt", "invalid_value")
             out.append(ids)
         return out
 
@@ -341,7 +340,7 @@ def create_app(engine, model_id: str, chat=None, api_key: str | None = None, max
         body = await server.read_json(request)
         params, seed, n = sampling_fields(body)
         ids, stop_ids, stop_texts = server.chat_prompt(body)
-        max_tokens = server.max_tokens(body, len(ids), None, "messages")
+        max_tokens = [server.max_tokens(body, len(ids), None, "messages")]
         return await _run(request, body, "chat", [ids], n, params, seed, max_tokens, stop_ids, stop_texts)
 
     @app.post("/v1/completions")
@@ -354,7 +353,7 @@ def create_app(engine, model_id: str, chat=None, api_key: str | None = None, max
         return await _run(request, body, "text", prompts, n, params, seed, max_tokens, server.eot_ids, ())
 
     async def _run(request: Request, body: dict, kind: str, prompts: list[list[int]], n: int,
-                   params: SamplingParams, seed, max_tokens, stop_ids, stop_texts):
+                   params: SamplingParams, seed, max_tokens: list[int], stop_ids, stop_texts):
         stream = _boolean(body, "stream")
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
@@ -366,8 +365,6 @@ def create_app(engine, model_id: str, chat=None, api_key: str | None = None, max
         if len(prompts) * n > server.scheduler.max_batch:
             raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more sequences than this server runs at once "
                                 f"({server.scheduler.max_batch})", "n", "invalid_value")
-        if isinstance(max_tokens, int):
-            max_tokens = [max_tokens] * len(prompts)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         gens = []
