@@ -2,7 +2,8 @@
 
 What it does: the math of GPT-2 (LayerNorm, learned positions, 4x GELU MLP, multi-head causal
 attention) with switches for the Llama-style variant (RMSNorm, rotary positions, SwiGLU, grouped-query
-attention) and for the lab's comparisons (a ReLU MLP, post-norm blocks: lab/). Attention has two implementations picked by `config.attention`: "naive" (the explicit
+attention) and for the lab's comparisons (a ReLU MLP, post-norm blocks: lab/). Attention has two
+implementations picked by `config.attention`: "naive" (the explicit
 QK^T / mask / softmax of the book's chapter 3) and "sdpa" (`F.scaled_dot_product_attention`, which uses
 flash kernels on GPUs); they agree to 1e-5 in fp32. Parameter names are GPT-2's (`transformer.wte`,
 `transformer.h.0.attn.c_attn`, ...), stored as nn.Linear weights (out, in).
