@@ -55,7 +55,7 @@ def cli_server(model: Path, *args: str, env: dict | None = None):
     """`scratchllm serve --model MODEL ARGS` on a free port; yields http://127.0.0.1:PORT."""
     port = free_port()
     cmd = [sys.executable, "-m", "scratchllm", "serve", "--model", str(model), "--port", str(port),
-           "--device", "cpu", "--precision", "fp32", "--log-level", "warning", *args]
+           "--device", "cpu", "--precision", "fp32", "--weights", "fp32", "--log-level", "warning", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"

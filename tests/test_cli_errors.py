@@ -198,6 +198,11 @@ CASES = {
         ("max new tokens -1", f"{GEN} --model {RUN} --max-new-tokens -1", "-1"),
         ("max new tokens not a number", f"{GEN} --model {RUN} --max-new-tokens x", "'x'"),
         ("temperature -1", f"{GEN} --model {RUN} --temperature -1", "temperature=-1"),
+        ("unknown weights format", f"{GEN} --model {RUN} --weights int3", "'int3'"),
+        ("int4 weights with bf16 compute", f"{GEN} --model {RUN} --weights int4 --precision bf16",
+         "--weights int4 computes in fp32"),
+        ("fp32 weights with bf16 compute", f"{GEN} --model {RUN} --weights fp32 --precision bf16",
+         "--weights fp32 with --precision bf16"),
         ("top-p 2", f"{GEN} --model {RUN} --top-p 2", "top_p=2"),
         ("unknown device", f"generate --prompt hi --model {RUN} --device nope", "nope"),
         ("unknown model name", f"{GEN} --model nope-model", "smollm2-135m-instruct"),
@@ -323,6 +328,8 @@ CASES = {
         ("a classifier run", "chat --model {w}/clf --message hi --device cpu", "is a text classifier"),
         ("temperature -1", "chat --model {w}/chatbase --message hi --temperature -1", "temperature=-1"),
         ("unknown chat format", "chat --model {w}/run --chat-format vicuna", "'vicuna'"),
+        ("int8 weights with bf16 compute", "chat --model {w}/chatbase --message hi --weights int8 --precision bf16",
+         "--weights int8 computes in fp32"),
     ],
     ("serve",): [
         ("missing model", "serve --model {w}/nope --device cpu", "nope"),
@@ -332,6 +339,7 @@ CASES = {
         ("no slots", "serve --model {w}/run --max-batch 0", "--max-batch must be >= 1"),
         ("max tokens limit 0", "serve --model {w}/run --max-tokens-limit 0", "--max-tokens-limit must be >= 1"),
         ("unknown chat format", "serve --model {w}/run --chat-format vicuna", "'vicuna'"),
+        ("unknown weights format", "serve --model {w}/run --weights q4", "'q4'"),
     ],
     ("lab", "list"): [
         ("an extra argument", "lab list extra", "unrecognized arguments: extra"),

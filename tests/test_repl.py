@@ -204,7 +204,7 @@ def model_dir(gpt, tok, tmp_path_factory):
 def namespace(model, **kw):
     args = dict(model=str(model), chat_format=None, system=None, message=None, temperature=0.0, top_k=None,
                 top_p=None, min_p=None, repetition_penalty=None, seed=None, max_new_tokens=10, device="cpu",
-                precision="fp32", verbose=False)
+                precision="fp32", weights="fp32", verbose=False)
     return argparse.Namespace(**{**args, **kw})
 
 

@@ -673,9 +673,16 @@ def add_generate(sub) -> None:
     p.add_argument("--no-truncate", action="store_true",
                    help="error out on a prompt longer than block_size instead of keeping its end")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights dtype (auto: bf16 where the hardware is fast at it, else fp32)")
+    add_weights_args(p)
     p.set_defaults(func=_generate)
+
+
+def add_weights_args(p) -> None:
+    """--precision and --weights of the decoding commands (generate, chat, serve)."""
+    from scratchllm.infer.commands import PRECISION_HELP, WEIGHTS_HELP
+
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
+    p.add_argument("--weights", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"], help=WEIGHTS_HELP)
 
 
 # --------------------------------------------------------------------------------------------- chat
@@ -703,8 +710,7 @@ def add_chat(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (e.g. 1.2)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (each answer is drawn with it)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights dtype (auto: bf16 where fast, else fp32)")
+    add_weights_args(p)
     p.add_argument("--verbose", action="store_true", help="print tokens and tokens/s of each answer on stderr")
     p.set_defaults(func=_chat)
 
@@ -734,8 +740,7 @@ def add_serve(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body; bigger ones get HTTP 413 unread (default 1 MiB)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights dtype (auto: bf16 where fast, else fp32)")
+    add_weights_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one line per request)")
     p.set_defaults(func=_serve)

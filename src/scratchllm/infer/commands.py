@@ -62,18 +62,85 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def open_for_inference(spec: str, device_name: str, precision_name: str, need: str):
-    """(LoadedModel with its model cast to the precision, device, precision) of `--model spec`, for a
-    command that cannot work without the model's own tokenizer (`need` says what needs it)."""
-    from scratchllm.weights.checkpoint import open_model
+WEIGHTS_HELP = ("how the weights are stored while decoding: auto (default) = bf16 with fused kernels on CPUs "
+                "(a GGUF file's Q8_0/Q4_0/Q4_1 tensors as stored), the --precision dtype on GPUs; fp32; bf16; "
+                "int8 / int4 (CPU only; their weight error is printed). See docs/quantization.md")
+PRECISION_HELP = ("compute dtype (auto: bf16 where the hardware is fast at it, else fp32); on the CPU, "
+                  "--weights auto/bf16/int8/int4 compute in fp32, except --precision bf16 with bf16 weights "
+                  "(oneDNN's bf16 kernels: AMX on Intel)")
 
+
+def open_for_inference(spec: str, device_name: str, precision_name: str, need: str | None,
+                       weights: str = "fp32"):
+    """(LoadedModel ready to decode, device, what it runs as) of `--model spec` with `--precision` and
+    `--weights` (see WEIGHTS_HELP). `need` (a command that cannot work without the model's own tokenizer)
+    or None. On the CPU, bf16/int8/int4 weights are quantized in place (model/quant.py) or, from a GGUF
+    file, read as stored (weights/gguf.py: load_gguf_quantized); "what it runs as" reads like
+    "cpu, fp32, int4 weights (96 MB)"."""
+    from scratchllm.model.quant import FORMATS, kernels, quantize_model, weight_bytes, weight_formats
+    from scratchllm.weights.checkpoint import LoadedModel, open_model
+    from scratchllm.weights.registry import gguf_source
+
+    if weights not in ("auto", *FORMATS):
+        raise ScratchError(f"unknown --weights {weights!r}: choose auto, {', '.join(FORMATS)}")
     device = select_device(device_name)
-    precision = select_precision(precision_name, device)
-    loaded = open_model(spec, device=device)
-    if loaded.tokenizer is None:
+    on_cpu = device == "cpu"
+    if not on_cpu and weights in ("int8", "int4"):
+        raise ScratchError(f"--weights {weights} runs on the CPU only (its kernels are x86 code); on {device} "
+                           "use --weights bf16 or fp32 (or --device cpu)")
+    if precision_name != "auto" and weights in ("fp32", "bf16") and precision_name != weights and \
+            not (on_cpu and weights == "bf16"):
+        raise ScratchError(f"--weights {weights} with --precision {precision_name}: give one of them (or the same)")
+    if on_cpu and weights in ("int8", "int4") and precision_name not in ("auto", "fp32"):
+        raise ScratchError(f"--weights {weights} computes in fp32 on the CPU: leave out --precision {precision_name}")
+    quantized = on_cpu and weights in ("auto", "bf16", "int8", "int4") and precision_name in ("auto", "fp32")
+    if quantized and weights == "auto" and kernels() is None:
+        quantized = False  # the warning said why; plain fp32 beats unfused dequantization
+        weights = "fp32"
+    if quantized:
+        fmt = "bf16" if weights == "auto" else weights
+        source = gguf_source(spec)
+        if source is not None:
+            from scratchllm.weights.gguf import load_gguf_quantized
+
+            model, tokenizer, chat, _ = load_gguf_quantized(source, weights)
+            loaded = LoadedModel(model, tokenizer, chat, source.parent)
+        else:
+            loaded = open_model(spec, device=device)
+            quantize_model(loaded.model, fmt)
+        precision = "fp32"
+    else:
+        if weights in ("fp32", "bf16") and precision_name == "auto":
+            precision_name = weights
+        precision = select_precision(precision_name, device)
+        loaded = open_model(spec, device=device)
+        loaded.model = loaded.model.to(torch_dtype(precision))
+    if need is not None and loaded.tokenizer is None:
         raise ScratchError(f"{spec} has no tokenizer/ folder: {need} needs the model's tokenizer")
-    loaded.model = loaded.model.to(torch_dtype(precision))
-    return loaded, device, precision
+    formats = weight_formats(loaded.model)
+    what = (f"{device}, {precision}, " + "+".join(f"{k}" for k in sorted(formats)) +
+            f" weights ({weight_bytes(loaded.model) / 1e6:.0f} MB)")
+    errors = [qe for qe in quant_errors(loaded.model) if qe[0] in ("int8", "int4")]
+    if errors:
+        what += "; rounding error (rms, relative to each matrix) " + ", ".join(
+            f"{fmt} {err:.2%}" for fmt, err in errors)
+    return loaded, device, what
+
+
+def quant_errors(model) -> list[tuple[str, float]]:
+    """(format, rms rounding error relative to the weights' rms) of each format quantize_model measured
+    (from a GGUF file read as stored: none, the file's weights are exact)."""
+    from scratchllm.model.quant import QuantEmbedding, QuantLinear
+
+    sums: dict[str, list[float]] = {}
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight.error is not None and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            acc = sums.setdefault(m.weight.fmt, [0.0, 0.0])
+            acc[0] += m.weight.error[0]
+            acc[1] += m.weight.error[1]
+    return [(fmt, (e / max(w, 1e-30)) ** 0.5) for fmt, (e, w) in sorted(sums.items())]
 
 
 def chat_prompt(args, loaded, tokenizer) -> tuple[list[int], list[int | str]]:
@@ -96,7 +163,6 @@ def generate(args) -> int:
     from scratchllm.infer.detok import Detokenizer
     from scratchllm.infer.engine import Engine, text_deltas
     from scratchllm.infer.sampling import SamplingParams
-    from scratchllm.weights.checkpoint import open_model
 
     # check the sampling parameters before any work (loading a model can take a while)
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
@@ -104,15 +170,12 @@ def generate(args) -> int:
         raise ScratchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.chat is None and (args.system is not None or args.chat_format):
         raise ScratchError("--system and --chat-format go with --chat MESSAGE (not --prompt)")
-    device = select_device(args.device)
-    precision = select_precision(args.precision, device)
-    loaded = open_model(args.model, device=device)
+    loaded, device, what = open_for_inference(args.model, args.device, args.precision, None, args.weights)
     model, tokenizer = loaded.model, loaded.tokenizer
     if args.tokenizer:
         tokenizer = replace_tokenizer(model, tokenizer, args.tokenizer, args.model)
     if tokenizer is None:
         raise ScratchError(f"{args.model} has no tokenizer/ folder: pass --tokenizer DIR (or `gpt2`)")
-    model = model.to(torch_dtype(precision))
     engine = Engine(model, tokenizer)
 
     stop_ids = [] if tokenizer.eot_token is None or args.ignore_eot else [tokenizer.eot_token]
@@ -153,6 +216,6 @@ def generate(args) -> int:
     out.write("\n")
     out.flush()
     seconds = time.perf_counter() - t0
-    print(f"[{device}, {precision}] {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s)",
+    print(f"[{what}] {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s)",
           file=sys.stderr)
     return 0

@@ -15,6 +15,11 @@ block_size (prompt + new tokens = block_size + 1: the last new token is sampled,
 whose vocab_size was padded past the tokenizer's (`scratchllm pretrain` rounds it up to a multiple of
 64) never sample the padding ids: ids >= n_valid (default: the tokenizer's vocab_size) get -inf logits.
 Each prompt is a 1-D sequence of ids (a list or a 1-D tensor).
+`weights` picks how the Linear weights are stored while decoding (model/quant.py): None (default) runs
+the model as it is; "auto" = bf16 on CPUs that can run the fused kernels (the model's own dtype
+elsewhere); "bf16" / "int8" / "int4" decode from a quantized copy on the CPU (activations fp32); a
+model already quantized with quant.quantize_model runs as it is. On the CPU the KV cache is kept in
+fp32 even for a bf16 model: PyTorch's bf16 attention at decode measured 4x slower than fp32.
 What it does not do: know how prompts are formatted or load models (see weights/checkpoint.py).
 
     >>> engine = Engine(model, tokenizer)
@@ -35,6 +40,13 @@ from scratchllm.infer.detok import Detokenizer
 from scratchllm.infer.packed import can_pack, packed_copy
 from scratchllm.infer.sampling import SamplingParams, make_generator, sample
 from scratchllm.model.kv_cache import KVCache
+from scratchllm.model.quant import (
+    block_formats,
+    is_quantized,
+    quantized_copy,
+    resolve_weights,
+    weight_formats,
+)
 
 
 def split_stop(stop) -> tuple[set[int], list[str]]:
@@ -72,10 +84,12 @@ def text_deltas(tokens: Iterable[int], detok: Detokenizer) -> Iterator[str]:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, pack: bool | None = None, n_valid: int | None = None):
+    def __init__(self, model, tokenizer=None, pack: bool | None = None, n_valid: int | None = None,
+                 weights: str | None = None):
         """pack: run a copy of the model with oneDNN-packed Linear weights (see packed.py); None = do so
         for bf16 models on the CPU, where it is faster (in fp32 it measured slower: docs/benchmarks.md).
-        The copy snapshots the weights: make a new Engine after changing the model.
+        weights: None, auto, fp32, bf16, int8 or int4 (see the module doc).
+        The copies snapshot the weights: make a new Engine after changing the model.
         n_valid: only ids < n_valid are ever sampled (the rest are padding rows of the output layer);
         None = the tokenizer's vocab_size, or every id of the model when there is no tokenizer."""
         self.model = model.eval()
@@ -92,12 +106,37 @@ class Engine:
         self.n_valid = n_valid
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        self.runner = self._runner(model, weights, pack)
+        self.dtype = next(self.runner.parameters()).dtype  # fp32 for quantized weights
+        self.weights = "+".join(sorted(weight_formats(self.runner)))  # e.g. "int4+int8" for a GGUF Q4_1 model
+        # bf16 attention at decode is ~4x slower than fp32 in PyTorch on CPUs: keep K/V in fp32 there
+        self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+
+    def _runner(self, model, weights: str | None, pack: bool | None):
+        """The module that decodes: the model, a quantized copy, or a oneDNN-packed copy."""
+        if is_quantized(model):
+            have = weight_formats(model)
+            if weights not in (None, "auto") and weights not in block_formats(model):
+                raise ScratchError(f"the model is already quantized ({have}): weights={weights!r} cannot apply")
+            if pack:
+                raise ScratchError("pack=True cannot apply to a quantized model (its kernels are its own)")
+            return model
+        if weights is not None:
+            fmt = resolve_weights(weights, self.device, self.dtype)
+            own = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype)
+            if fmt in ("int8", "int4") or (fmt == "bf16" and own == "fp32" and self.device.type == "cpu"):
+                if pack:
+                    raise ScratchError(f"pack=True cannot apply to {fmt} weights (their kernels are their own)")
+                return quantized_copy(model, fmt)
+            if fmt != own:
+                raise ScratchError(f"weights={weights!r} means {fmt} here, but the model is {self.dtype}: cast "
+                                   f"it (model.to(torch.{'bfloat16' if fmt == 'bf16' else 'float32'})) first")
         if pack and not can_pack(model):
             raise ScratchError(f"pack=True needs a CPU model in fp32 or bf16 with oneDNN support; this one is "
                                f"{self.dtype} on {self.device}")
         if pack is None:
             pack = self.dtype == torch.bfloat16 and can_pack(model)
-        self.runner = packed_copy(self.model) if pack else self.model
+        return packed_copy(model) if pack else model
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -176,7 +215,7 @@ class Engine:
         for b, p in enumerate(prompts):
             idx[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
         idx = idx.to(self.device)  # (B, T)
-        cache = KVCache(cfg, B, T + steps - 1, device=self.device, dtype=self.dtype)  # last token is not fed
+        cache = KVCache(cfg, B, T + steps - 1, device=self.device, dtype=self.cache_dtype)  # last token not fed
         if min(lens) < T:
             cache.set_left_padding(torch.tensor([T - n for n in lens]))
         seen = None

@@ -234,7 +234,9 @@ def chat(args) -> int:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty)
     SamplingParams(**sampling)  # check before loading the model
-    loaded, _, _ = open_for_inference(args.model, args.device, args.precision, "a chat")
+    loaded, _, what = open_for_inference(args.model, args.device, args.precision, "a chat", args.weights)
+    if args.verbose:
+        print(f"[{what}]", file=sys.stderr)
     fmt = pick_format(args.chat_format, loaded.chat)
     if fmt is None:
         raise ScratchError(f"{args.model} does not say which chat format it speaks (no chat.json, or a chat "

@@ -111,8 +111,10 @@ class KVCache:
         """Write k, v (B, n_kv_head, T, head_dim) at columns [pos, pos+T) of `layer`; return the
         filled part (B, n_kv_head, pos+T, head_dim) of that layer's keys and values (views, no copy)."""
         if k.dtype != self.k.dtype:
-            raise ScratchError(f"KVCache dtype {self.k.dtype} does not match the model's activations "
-                               f"{k.dtype}: create the cache with dtype={k.dtype}")
+            if self.k.dtype != torch.float32:  # an fp32 cache may serve bf16 activations (Engine on CPUs)
+                raise ScratchError(f"KVCache dtype {self.k.dtype} does not match the model's activations "
+                                   f"{k.dtype}: create the cache with dtype={k.dtype} (or float32)")
+            k, v = k.float(), v.float()
         if k.shape[0] != self.batch_size:
             raise ScratchError(f"KVCache was made for batch size {self.batch_size}, got a batch of {k.shape[0]}")
         T = k.shape[2]

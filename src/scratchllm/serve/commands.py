@@ -59,7 +59,7 @@ def serve(args) -> int:
     from scratchllm.tokenizer.chat import pick_format
 
     api_key = args.api_key or os.environ.get("SCRATCHLLM_API_KEY") or None
-    loaded, device, precision = open_for_inference(args.model, args.device, args.precision, "serving")
+    loaded, device, what = open_for_inference(args.model, args.device, args.precision, "serving", args.weights)
     chat = pick_format(args.chat_format, loaded.chat)
     engine = Engine(loaded.model, loaded.tokenizer)
     name = args.name or model_name(args.model)
@@ -70,7 +70,7 @@ def serve(args) -> int:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach port {args.port} can "
               "use the model (pass --api-key or set SCRATCHLLM_API_KEY)", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {name} ({device}, {precision}, context {engine.config.block_size}, "
+    print(f"serving {name} ({what}, context {engine.config.block_size}, "
           f"chat format {chat.name if chat else 'none'}) at http://{host}:{args.port}/v1 — chat page "
           f"http://{host}:{args.port}/{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     serve_forever(app, args.host, args.port, args.log_level)

@@ -79,8 +79,8 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens  # most (prompts x longest prompt) prefilled in one forward
         self.context = engine.config.block_size
         # a bf16 model on a CPU attends in fp32: PyTorch's bf16 attention there is 4-5x slower (kv_cache.py)
-        cache_dtype = torch.float32 if engine.dtype == torch.bfloat16 and engine.device.type == "cpu" else engine.dtype
-        self.cache = SlotKVCache(engine.config, max_batch, self.context, device=engine.device, dtype=cache_dtype)
+        self.cache = SlotKVCache(engine.config, max_batch, self.context, device=engine.device,
+                                 dtype=engine.cache_dtype)
         self.waiting: collections.deque[Request] = collections.deque()
         self.live: list[Sequence] = []  # live[i] sits in cache row i
         self._cond = threading.Condition()

@@ -11,8 +11,14 @@ What it does:
   + one tensor. `rope_freqs.weight` (Llama 3.1 rope factors) is ignored when all ones, refused otherwise.
 - `load_gguf(path, device)` adds the tokenizer and chat format read from the file's metadata;
   `gguf_info(f)` summarises a file for reports.
+- `load_gguf_quantized(path, weights)`: the same, for CPU inference, with the matrices kept quantized
+  (model/quant.py): Q8_0 / Q4_0 / Q4_1 tensors go into int8 / int4 QuantWeights as stored, never
+  through fp32, when `weights` is "auto" (each tensor in its own format) or names their format; any
+  other tensor is dequantized alone and requantized to `weights` (auto: bf16). A fused matrix whose
+  parts are stored in different types (q Q4_0, v Q8_0) takes the finest of their formats (auto), with
+  groups of 32. Norms stay fp32.
 What it does not do: parse the file or dequantize (gguf_file.py: `read_gguf`, `dequantize`, `GGUFFile`,
-re-exported here), write GGUF, keep weights quantized (all become fp32), or run other architectures.
+re-exported here), write GGUF, or run other architectures.
 
     model, gguf_file = load_gguf_model("SmolLM2-135M-Instruct.Q4_1.gguf")   # the weights alone
     model, tokenizer, chat_format, info = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -32,7 +38,7 @@ from scratchllm.weights.gguf_file import GGUFFile, GGUFTensor, dequantize, read_
 from scratchllm.weights.state import config_from_file, empty_model
 
 __all__ = ["GGUFFile", "GGUFTensor", "config_from_gguf", "dequantize", "gguf_info", "load_gguf",
-           "load_gguf_model", "read_gguf", "tensor_plan", "type_info", "unpermute_rows"]
+           "load_gguf_model", "load_gguf_quantized", "read_gguf", "tensor_plan", "type_info", "unpermute_rows"]
 
 # --------------------------------------------------------------------------------------------- config
 ARCHITECTURES = {"llama": "llama (also Mistral, SmolLM, ...)", "qwen2": "qwen2"}
@@ -222,3 +228,96 @@ def load_gguf(path, device="cpu", progress: bool = True):
     info = {**gguf_info(f), "seconds": round(time.perf_counter() - start, 3)}
     f.close()
     return model, tokenizer, chat_format, info
+
+
+def _quant_weight(f: GGUFFile, name: str, target: Target, weights: str):
+    """One GGUF tensor as a QuantWeight: as stored when its type is the format asked for (or weights is
+    auto), else dequantized alone and requantized; Q/K rows un-permuted like load_gguf_model's."""
+    from scratchllm.model.quant import GGUF_TYPES, QuantWeight
+
+    t = f.tensors[name]
+    family = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}.get(GGUF_TYPES.get(t.qtype, ""))
+    if family is not None and weights in ("auto", family):
+        qw = QuantWeight.from_gguf(f.raw(t), t.qtype, t.shape, f"{f.path}: {name}")
+    else:
+        w = dequantize(f.raw(t), t.qtype, t.shape, name)
+        if not torch.isfinite(w).all():
+            raise ScratchError(f"{f.path}: tensor {name} holds inf or nan values (a corrupt file?)")
+        qw = QuantWeight.quantize(w, "bf16" if weights == "auto" else weights)
+    if target.heads is not None:
+        qw = qw.take_rows(unpermute_rows(torch.arange(t.shape[0]), target.heads))
+    return qw
+
+
+def load_gguf_quantized(path, weights: str = "auto", progress: bool = True):
+    """(model, tokenizer, chat_format, info) of a GGUF file, like load_gguf, with every matrix kept as a
+    QuantWeight (see the module doc; `weights`: auto, bf16, int8 or int4). CPU only."""
+    from scratchllm.model.quant import QUANT_FORMATS, QuantEmbedding, QuantLinear, QuantWeight
+    from scratchllm.tokenizer.chat import detect_chat_format
+    from scratchllm.tokenizer.convert import tokenizer_from_gguf_metadata
+
+    if weights not in ("auto", *QUANT_FORMATS):
+        raise ScratchError(f"weights must be auto or one of {', '.join(QUANT_FORMATS)}, got {weights!r}")
+    start = time.perf_counter()
+    f = read_gguf(path)
+    tokenizer = tokenizer_from_gguf_metadata(f.metadata, str(f.path))
+    chat_format = detect_chat_format(f.metadata.get("tokenizer.chat_template"), str(f.path))
+    arch = f.metadata.get("general.architecture")
+    config = config_from_gguf(f.metadata, str(f.path), f.tensors)
+    plan = tensor_plan(config, arch)
+    with torch.device("meta"):
+        model = GPT(config)  # no memory: every matrix is replaced below, the rest allocated after
+    _check_tensors(f, plan, dict(model.named_parameters()), arch)
+    by_param: dict[str, list[tuple[int, str, Target]]] = {}
+    for name, target in plan.items():
+        by_param.setdefault(target.param, []).append((target.start, name, target))
+    bar = Progress(len(plan), unit="tensors", desc=f"loading {f.path.name}", enabled=progress)
+    def fp32(parts) -> torch.Tensor:  # a parameter's GGUF tensors dequantized (norms, biases: small)
+        out = []
+        for _, name, target in sorted(parts):
+            t = f.tensors[name]
+            w = dequantize(f.raw(t), t.qtype, t.shape, name)
+            out.append(w if target.heads is None else unpermute_rows(w, target.heads))
+            bar.update(1)
+        return torch.cat(out)
+
+    with torch.no_grad():
+        matrices = {}
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                matrices[f"{name}.weight"] = module
+        quantized = {}
+        for param, parts in by_param.items():
+            if param in matrices:
+                qws = [_quant_weight(f, name, target, weights) for _, name, target in sorted(parts)]
+                try:
+                    quantized[param] = QuantWeight.cat(qws) if len(qws) > 1 else qws[0]
+                except ScratchError:  # q/k/v stored in different types: one format for the fused matrix,
+                    full = torch.cat([qw.dequantize() for qw in qws])  # the finest of its parts (auto)
+                    finest = next(f for f in ("bf16", "int8", "int4") if any(qw.fmt == f for qw in qws))
+                    quantized[param] = QuantWeight.quantize(full, finest if weights == "auto" else weights, 32)
+                bar.update(len(parts))
+        wte = quantized.pop("transformer.wte.weight")
+        model.transformer.wte = QuantEmbedding(wte)
+        model.lm_head = QuantLinear(quantized.pop("lm_head.weight", wte))
+        done = set(quantized) | {"transformer.wte.weight", "lm_head.weight"}
+        for param, qw in quantized.items():  # the blocks' nn.Linear modules, with their biases (qwen2)
+            path = param.rsplit(".", 1)[0]
+            parent, child = path.rsplit(".", 1)
+            bias = by_param.get(f"{path}.bias")
+            done.add(f"{path}.bias")
+            setattr(model.get_submodule(parent), child, QuantLinear(qw, None if bias is None else fp32(bias)))
+        for module in model.modules():  # what is left: norms, in fp32 on the CPU
+            for key, p in module._parameters.items():
+                if p is not None and p.is_meta:
+                    module._parameters[key] = torch.nn.Parameter(torch.empty(p.shape), requires_grad=False)
+        params = dict(model.named_parameters())
+        for param, parts in by_param.items():
+            if param not in done:
+                params[param].copy_(fp32(parts))
+    bar.close()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not left, f"parameters left unset: {left}"
+    info = {**gguf_info(f), "seconds": round(time.perf_counter() - start, 3)}
+    f.close()
+    return model.eval(), tokenizer, chat_format, info

@@ -212,6 +212,21 @@ def resolve(spec: str | Path, quiet: bool = False) -> Path:
     return path  # a path that does not exist: load_model says so
 
 
+def gguf_source(spec: str | Path) -> Path | None:
+    """The GGUF file behind `--model spec` when its weights come from one (a .gguf path, or a registry
+    name whose cache is empty or holds an import of the package's GGUF), else None: what lets
+    quantized inference read the file's blocks as stored instead of the fp32 import."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.exists() or str(spec) not in MODELS:
+        return None
+    dest = models_dir() / str(spec)
+    if cached(dest) and read_json(dest / SOURCE).get("kind") != "gguf":
+        return None  # e.g. the hub's unquantized weights
+    return packaged_gguf(str(spec))
+
+
 def download_model(name: str, progress: bool = True) -> Path:
     """Fetch registry model `name` from the hub into $SCRATCHLLM_CACHE/hub/<repo> and import it into
     the cache (replacing an import from the package's GGUF: the hub has the unquantized weights)."""
