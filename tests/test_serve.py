@@ -493,3 +493,35 @@ def test_exported_folder_carries_what_other_engines_read(world, tmp_path):
     prompt = torch.tensor([render(CHATML, HELLO, world.tok)])
     with torch.no_grad():
         assert torch.allclose(model(prompt).logits, world.model(prompt), atol=1e-3)
+
+
+@pytest.mark.parametrize("weights", ["int4", "bf16"])
+def test_quantized_weights_serve_the_engines_answers(world, weights):
+    """The server on an Engine with quantized weights (model/quant.py): 6 concurrent greedy streams, each
+    equal to the same Engine run alone (bf16 on AVX512-BF16 CPUs sums a row the same way at any batch
+    size; the AVX2 kernels sum batched rows in another order, which this chaotic model does not notice)."""
+    import openai
+
+    from scratchllm.serve.app import create_app
+
+    engine = Engine(world.model, world.tok, weights=weights)
+    assert weights in engine.weights
+    prompts = [f"Tell me about {w}." for w in ("cats", "the sea", "rain", "bread", "maps", "ice")]
+
+    def alone(text):
+        ids = render(CHATML, [{"role": "user", "content": text}], world.tok, add_generation_prompt=True)
+        out = engine.generate(ids, 12, temperature=0, stop=turn_stops(CHATML, world.tok)[0])
+        return world.tok.decode(list(out))
+
+    app = create_app(engine, "tiny-chat", chat=CHATML)
+    with thread_server(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+
+        def served(text):
+            r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": text}],
+                                               max_tokens=12, temperature=0)
+            return r.choices[0].message.content
+
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(served, prompts))
+    assert got == [alone(p) for p in prompts]

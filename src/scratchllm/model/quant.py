@@ -8,19 +8,19 @@ its token embedding by `QuantLinear` / `QuantEmbedding` modules that keep a `Qua
   row (default 32: 1.06 bytes a weight; GGUF's Q8_0 exactly);
 - int4: affine, w = d * q + m, q in 0..15, fp16 d and m per group (default 32: 0.625 bytes a weight,
   GGUF's Q4_1; Q4_0 is m = -8 d). As in llama.cpp's Q4 files, the token embedding and the output
-  head stay int8 (`head=`): in int4 they cost SmolLM2 7% of perplexity, the blocks in int4 nothing
-  more (docs/quantization.md).
+  head stay int8 (`head=`): an int4 head cost SmolLM2 7% of perplexity (docs/quantization.md).
 A tied token embedding and head share one QuantWeight. Everything else (norms, position embeddings,
 attention, the KV cache) runs in fp32. `QuantWeight.from_gguf` takes GGUF Q8_0/Q4_0/Q4_1 blocks as
 they are stored, never through fp32 (weights/gguf.py: load_gguf_quantized).
 The forward pass: a few rows (decode: at most FUSED_ROWS) go to kernels.c, compiled once with the
 system's C compiler into the cache (~/.cache/scratchllm/kernels): each block of 32 weights is
-dequantized in registers and multiplied into every row of x, so the weights stream once; more rows
-(a prompt's prefill) dequantize the matrix to fp32 and use F.linear (MKL). Without a C compiler or
+dequantized in registers and multiplied into every row of x, so the weights stream once (on CPUs
+with AVX512-BF16, bf16 weights instead meet x rounded to bf16 in the bf16 dot-product instruction);
+more rows (a long prompt's prefill) dequantize the matrix to fp32 and use F.linear (MKL). Without a C compiler or
 an x86 CPU with AVX2/FMA/F16C (or with SCRATCHLLM_NO_KERNELS=1), every call dequantizes with torch
 ops: correct, but slower than fp32 (a warning says so once).
-What it does not do: training (no gradients), GPUs (there: --weights fp32/bf16), or activation
-quantization (x stays fp32: the quality cost is the weights' rounding only).
+What it does not do: training (no gradients), GPUs (there: --weights fp32/bf16), or integer
+activations (x stays fp32, or bf16 as above: the cost is the weights' rounding).
 
     model = quantize_model(model, "int4")       # in place; the fp32 weights are freed
     engine = Engine(model, tokenizer)           # decodes with the int4 kernels
@@ -82,6 +82,7 @@ BUILD_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
 
 
 def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept: $SCRATCHLLM_CACHE/kernels (default ~/.cache/scratchllm/kernels)."""
     base = os.environ.get("SCRATCHLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "scratchllm")
     return Path(base) / "kernels"
 
