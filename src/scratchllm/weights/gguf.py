@@ -35,7 +35,7 @@ import torch
 from scratchllm.common import Progress, ScratchError
 from scratchllm.model import GPT, ModelConfig
 from scratchllm.weights.gguf_file import GGUFFile, GGUFTensor, dequantize, read_gguf, type_info
-from scratchllm.weights.state import config_from_file, empty_model
+from scratchllm.weights.state import config_from_file, empty_model, meta_model
 
 __all__ = ["GGUFFile", "GGUFTensor", "config_from_gguf", "dequantize", "gguf_info", "load_gguf",
            "load_gguf_model", "load_gguf_quantized", "read_gguf", "tensor_plan", "type_info", "unpermute_rows"]
@@ -265,8 +265,7 @@ def load_gguf_quantized(path, weights: str = "auto", progress: bool = True):
     arch = f.metadata.get("general.architecture")
     config = config_from_gguf(f.metadata, str(f.path), f.tensors)
     plan = tensor_plan(config, arch)
-    with torch.device("meta"):
-        model = GPT(config)  # no memory: every matrix is replaced below, the rest allocated after
+    model = meta_model(config)  # no memory: every matrix is replaced below, the rest allocated after
     _check_tensors(f, plan, dict(model.named_parameters()), arch)
     by_param: dict[str, list[tuple[int, str, Target]]] = {}
     for name, target in plan.items():

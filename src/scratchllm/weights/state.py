@@ -92,14 +92,25 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ScratchError(f"{path}: cannot read safetensors file ({e})") from None
 
 
+def meta_model(config):
+    """A GPT for `config` on the meta device (no memory), built without its random init (which on the
+    meta device still costs ~1 s for GPT-2 124M: torch runs normal_'s decomposition per tensor)."""
+    import dataclasses
+
+    from scratchllm.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(config, init="torch"))
+    model.config = config
+    return model
+
+
 def empty_model(config, device="cpu"):
     """A GPT for `config` with uninitialised weights (built on the meta device, so no time goes into
     random init), meant to be filled by load_state_dict_checked. A tied head is re-tied after
     allocation."""
-    from scratchllm.model import GPT
 
-    with torch.device("meta"):
-        model = GPT(config)
+    model = meta_model(config)
     model.to_empty(device=device)
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
