@@ -31,14 +31,18 @@ def test_model_info_shows_the_architecture_without_importing(cache, capsys):
 @pytest.mark.slow
 def test_generate_chat_answers_offline_and_streams(cache, capfd):
     argv = ["generate", "--model", "smollm2-135m-instruct", "--chat", QUESTION, "--temperature", "0",
-            "--precision", "fp32", "--stream", "--max-new-tokens", "32"]
-    assert main(argv) == 0
+            "--precision", "fp32", "--weights", "fp32", "--stream", "--max-new-tokens", "32"]
+    assert main(argv) == 0  # fp32 weights: the GGUF is imported into the cache once
     out, err = capfd.readouterr()
     assert out == "The capital of France is Paris.\n"
     assert "importing" in err and (cache / "models" / "smollm2-135m-instruct" / "chat.json").is_file()
     assert main(argv) == 0  # the second time the cache answers: no import
     out, err = capfd.readouterr()
     assert out == "The capital of France is Paris.\n" and "importing" not in err
+    # the default (--weights auto) reads the file's Q4_1/Q8_0 blocks as stored: the same answer
+    assert main(argv[:7] + ["--stream", "--max-new-tokens", "32"]) == 0
+    out, err = capfd.readouterr()
+    assert out == "The capital of France is Paris.\n" and "int4+int8 weights" in err and "importing" not in err
 
 
 @pytest.mark.slow
