@@ -271,6 +271,7 @@ def load_gguf_quantized(path, weights: str = "auto", progress: bool = True):
     for name, target in plan.items():
         by_param.setdefault(target.param, []).append((target.start, name, target))
     bar = Progress(len(plan), unit="tensors", desc=f"loading {f.path.name}", enabled=progress)
+
     def fp32(parts) -> torch.Tensor:  # a parameter's GGUF tensors dequantized (norms, biases: small)
         out = []
         for _, name, target in sorted(parts):
@@ -293,7 +294,7 @@ def load_gguf_quantized(path, weights: str = "auto", progress: bool = True):
                     quantized[param] = QuantWeight.cat(qws) if len(qws) > 1 else qws[0]
                 except ScratchError:  # q/k/v stored in different types: one format for the fused matrix,
                     full = torch.cat([qw.dequantize() for qw in qws])  # the finest of its parts (auto)
-                    finest = next(f for f in ("bf16", "int8", "int4") if any(qw.fmt == f for qw in qws))
+                    finest = next(fm for fm in ("bf16", "int8", "int4") if any(qw.fmt == fm for qw in qws))
                     quantized[param] = QuantWeight.quantize(full, finest if weights == "auto" else weights, 32)
                 bar.update(len(parts))
         wte = quantized.pop("transformer.wte.weight")
