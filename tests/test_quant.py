@@ -13,7 +13,6 @@ references nobody here wrote:
 import copy
 import math
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -50,17 +49,9 @@ BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}
 
 # --------------------------------------------------------------------------------------------- helpers
 def cpu_without_kernels() -> str | None:
-    """Why kernels.c (x86 code for AVX2, FMA and F16C) cannot run on this CPU, or None when it can."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"this CPU is {platform.machine()}, not x86"
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return "/proc/cpuinfo cannot be read"
-    missing = {"avx2", "fma", "f16c"} - set(flags)
-    return f"this CPU lacks {', '.join(sorted(missing))}" if missing else None
+    """Why kernels.c cannot run on this CPU (quant.kernel_build's reason), or None when it can."""
+    build, why = quant.kernel_build()
+    return why if build is None else None
 
 
 @pytest.fixture()

@@ -93,13 +93,19 @@ def select_device(name: str = "auto") -> str:
     return name
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (avx2, avx512_bf16, amx_bf16, ...) from /proc/cpuinfo; None where it
+    cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return {word for line in text.splitlines() if line.startswith("flags") for word in line.split(":", 1)[-1].split()}
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AMX or AVX512-BF16), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+    return bool((cpu_flags() or set()) & {"amx_bf16", "avx512_bf16"})
 
 
 def select_precision(precision: str, device: str) -> str:

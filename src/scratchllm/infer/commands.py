@@ -77,7 +77,7 @@ def open_for_inference(spec: str, device_name: str, precision_name: str, need: s
     or None. On the CPU, bf16/int8/int4 weights are quantized in place (model/quant.py) or, from a GGUF
     file, read as stored (weights/gguf.py: load_gguf_quantized); "what it runs as" reads like
     "cpu, fp32, int4 weights (96 MB)"."""
-    from scratchllm.model.quant import FORMATS, kernels, quantize_model, weight_bytes, weight_formats
+    from scratchllm.model.quant import FORMATS, kernels, quantize_model, weight_bytes, weights_label
     from scratchllm.weights.checkpoint import LoadedModel, open_model
     from scratchllm.weights.registry import gguf_source
 
@@ -117,9 +117,7 @@ def open_for_inference(spec: str, device_name: str, precision_name: str, need: s
         loaded.model = loaded.model.to(torch_dtype(precision))
     if need is not None and loaded.tokenizer is None:
         raise ScratchError(f"{spec} has no tokenizer/ folder: {need} needs the model's tokenizer")
-    formats = weight_formats(loaded.model)
-    what = (f"{device}, {precision}, " + "+".join(f"{k}" for k in sorted(formats)) +
-            f" weights ({weight_bytes(loaded.model) / 1e6:.0f} MB)")
+    what = f"{device}, {precision}, {weights_label(loaded.model)} weights ({weight_bytes(loaded.model) / 1e6:.0f} MB)"
     errors = [qe for qe in quant_errors(loaded.model) if qe[0] in ("int8", "int4")]
     if errors:
         what += "; rounding error (rms, relative to each matrix) " + ", ".join(

@@ -46,6 +46,7 @@ from scratchllm.model.quant import (
     quantized_copy,
     resolve_weights,
     weight_formats,
+    weights_label,
 )
 
 
@@ -108,7 +109,7 @@ class Engine:
         self.device, self.dtype = first.device, first.dtype
         self.runner = self._runner(model, weights, pack)
         self.dtype = next(self.runner.parameters()).dtype  # fp32 for quantized weights
-        self.weights = "+".join(sorted(weight_formats(self.runner)))  # e.g. "int4+int8" for a GGUF Q4_1 model
+        self.weights = weights_label(self.runner)  # e.g. "int4+int8" for a GGUF Q4_1 model
         # bf16 attention at decode is ~4x slower than fp32 in PyTorch on CPUs: keep K/V in fp32 there
         self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scratchllm.common import ScratchError
+from scratchllm.common import ScratchError, cpu_flags
 
 FORMATS = ("fp32", "bf16", "int8", "int4")  # storage formats of --weights (plus "auto")
 QUANT_FORMATS = ("bf16", "int8", "int4")  # the ones this module keeps
@@ -66,9 +66,8 @@ def kernel_build() -> tuple[str | None, str]:
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"the kernels are x86 (AVX2) code and this CPU is {platform.machine()}"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split())
-    except (OSError, IndexError):
+    flags = cpu_flags()
+    if flags is None:
         return None, "cannot read /proc/cpuinfo to check for AVX2/FMA/F16C"
     missing = {"avx2", "fma", "f16c"} - flags
     if missing:
@@ -83,8 +82,9 @@ BUILD_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
 
 def kernel_cache_dir() -> Path:
     """Where compiled kernels are kept: $SCRATCHLLM_CACHE/kernels (default ~/.cache/scratchllm/kernels)."""
-    base = os.environ.get("SCRATCHLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "scratchllm")
-    return Path(base) / "kernels"
+    from scratchllm.io.download import cache_dir
+
+    return cache_dir() / "kernels"
 
 
 def _build(src: Path, build: str) -> Path:
@@ -387,6 +387,11 @@ def block_formats(model: nn.Module) -> set[str]:
     return {m.weight.fmt for name, m in model.named_modules() if isinstance(m, QuantLinear) and name != "lm_head"}
 
 
+def weights_label(model: nn.Module) -> str:
+    """The model's matrix formats joined, e.g. "int4+int8" for SmolLM2's Q4_1 GGUF read as stored."""
+    return "+".join(sorted(weight_formats(model)))
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every weight as stored (parameters, and quantized weights once each)."""
     seen, total = set(), 0
@@ -431,7 +436,6 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int | None = None, he
                 elif isinstance(child, nn.Linear) or "lora" in type(child).__name__.lower():
                     raise ScratchError(f"{name + '.' if name else ''}{child_name} is a {type(child).__name__}: "
                                        "merge adapters into the weights before quantizing")
-    shared.clear()
     return model.float()
 
 

@@ -194,16 +194,20 @@ def load_gguf_model(path, device="cpu", progress: bool = True) -> tuple[GPT, GGU
     bar = Progress(len(plan), unit="tensors", desc=f"loading {f.path.name}", enabled=progress)
     with torch.no_grad():
         for name, target in plan.items():
-            t = f.tensors[name]
-            w = dequantize(f.raw(t), t.qtype, t.shape, name)  # (rows, ...) float32: this tensor only
-            if not torch.isfinite(w).all():
-                raise ScratchError(f"{f.path}: tensor {name} holds inf or nan values (a corrupt file?)")
-            if target.heads is not None:
-                w = unpermute_rows(w, target.heads)
-            params[target.param][target.start:target.stop].copy_(w)
+            params[target.param][target.start:target.stop].copy_(_tensor_fp32(f, name, target))
             bar.update(1)
     bar.close()
     return model.eval(), f
+
+
+def _tensor_fp32(f: GGUFFile, name: str, target: Target) -> torch.Tensor:
+    """GGUF tensor `name` dequantized to float32 (this tensor only), checked finite, its rows in our
+    order (llama.cpp's Q/K permutation undone)."""
+    t = f.tensors[name]
+    w = dequantize(f.raw(t), t.qtype, t.shape, name)  # (rows, ...)
+    if not torch.isfinite(w).all():
+        raise ScratchError(f"{f.path}: tensor {name} holds inf or nan values (a corrupt file?)")
+    return w if target.heads is None else unpermute_rows(w, target.heads)
 
 
 def gguf_info(f: GGUFFile) -> dict:
@@ -217,6 +221,11 @@ def gguf_info(f: GGUFFile) -> dict:
 def load_gguf(path, device="cpu", progress: bool = True):
     """(model, tokenizer, chat_format, info) of one GGUF file: the GPT of load_gguf_model, the tokenizer
     and chat format (None when unknown) of its metadata, and gguf_info with the seconds it took."""
+    return _with_tokenizer(path, lambda f: load_gguf_model(f, device, progress)[0])
+
+
+def _with_tokenizer(path, build_model):
+    """(build_model(file), tokenizer, chat_format, info) of a GGUF file; the file is closed after."""
     from scratchllm.tokenizer.chat import detect_chat_format
     from scratchllm.tokenizer.convert import tokenizer_from_gguf_metadata
 
@@ -224,7 +233,7 @@ def load_gguf(path, device="cpu", progress: bool = True):
     f = read_gguf(path)  # the tokenizer first: a file whose tokenizer we refuse fails before any weight is read
     tokenizer = tokenizer_from_gguf_metadata(f.metadata, str(f.path))
     chat_format = detect_chat_format(f.metadata.get("tokenizer.chat_template"), str(f.path))
-    model, f = load_gguf_model(f, device, progress)
+    model = build_model(f)
     info = {**gguf_info(f), "seconds": round(time.perf_counter() - start, 3)}
     f.close()
     return model, tokenizer, chat_format, info
@@ -237,31 +246,26 @@ def _quant_weight(f: GGUFFile, name: str, target: Target, weights: str):
 
     t = f.tensors[name]
     family = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}.get(GGUF_TYPES.get(t.qtype, ""))
-    if family is not None and weights in ("auto", family):
-        qw = QuantWeight.from_gguf(f.raw(t), t.qtype, t.shape, f"{f.path}: {name}")
-    else:
-        w = dequantize(f.raw(t), t.qtype, t.shape, name)
-        if not torch.isfinite(w).all():
-            raise ScratchError(f"{f.path}: tensor {name} holds inf or nan values (a corrupt file?)")
-        qw = QuantWeight.quantize(w, "bf16" if weights == "auto" else weights)
-    if target.heads is not None:
-        qw = qw.take_rows(unpermute_rows(torch.arange(t.shape[0]), target.heads))
-    return qw
+    if family is None or weights not in ("auto", family):  # rows are quantized one by one: order them first
+        return QuantWeight.quantize(_tensor_fp32(f, name, target), "bf16" if weights == "auto" else weights)
+    qw = QuantWeight.from_gguf(f.raw(t), t.qtype, t.shape, f"{f.path}: {name}")
+    return qw if target.heads is None else qw.take_rows(unpermute_rows(torch.arange(t.shape[0]), target.heads))
 
 
 def load_gguf_quantized(path, weights: str = "auto", progress: bool = True):
     """(model, tokenizer, chat_format, info) of a GGUF file, like load_gguf, with every matrix kept as a
     QuantWeight (see the module doc; `weights`: auto, bf16, int8 or int4). CPU only."""
-    from scratchllm.model.quant import QUANT_FORMATS, QuantEmbedding, QuantLinear, QuantWeight
-    from scratchllm.tokenizer.chat import detect_chat_format
-    from scratchllm.tokenizer.convert import tokenizer_from_gguf_metadata
+    from scratchllm.model.quant import QUANT_FORMATS
 
     if weights not in ("auto", *QUANT_FORMATS):
         raise ScratchError(f"weights must be auto or one of {', '.join(QUANT_FORMATS)}, got {weights!r}")
-    start = time.perf_counter()
-    f = read_gguf(path)
-    tokenizer = tokenizer_from_gguf_metadata(f.metadata, str(f.path))
-    chat_format = detect_chat_format(f.metadata.get("tokenizer.chat_template"), str(f.path))
+    return _with_tokenizer(path, lambda f: _quantized_model(f, weights, progress))
+
+
+def _quantized_model(f: GGUFFile, weights: str, progress: bool) -> GPT:
+    """The GPT of an open GGUF file with QuantWeight matrices (load_gguf_quantized)."""
+    from scratchllm.model.quant import QuantEmbedding, QuantLinear, QuantWeight
+
     arch = f.metadata.get("general.architecture")
     config = config_from_gguf(f.metadata, str(f.path), f.tensors)
     plan = tensor_plan(config, arch)
@@ -273,13 +277,8 @@ def load_gguf_quantized(path, weights: str = "auto", progress: bool = True):
     bar = Progress(len(plan), unit="tensors", desc=f"loading {f.path.name}", enabled=progress)
 
     def fp32(parts) -> torch.Tensor:  # a parameter's GGUF tensors dequantized (norms, biases: small)
-        out = []
-        for _, name, target in sorted(parts):
-            t = f.tensors[name]
-            w = dequantize(f.raw(t), t.qtype, t.shape, name)
-            out.append(w if target.heads is None else unpermute_rows(w, target.heads))
-            bar.update(1)
-        return torch.cat(out)
+        bar.update(len(parts))
+        return torch.cat([_tensor_fp32(f, name, target) for _, name, target in sorted(parts)])
 
     with torch.no_grad():
         matrices = {}
@@ -318,6 +317,4 @@ def load_gguf_quantized(path, weights: str = "auto", progress: bool = True):
     bar.close()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     assert not left, f"parameters left unset: {left}"
-    info = {**gguf_info(f), "seconds": round(time.perf_counter() - start, 3)}
-    f.close()
-    return model.eval(), tokenizer, chat_format, info
+    return model.eval()
